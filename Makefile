@@ -1,0 +1,44 @@
+# smtpgw: one entry point. `make demo` and `make test` are the README's two commands.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+ROOT := $(CURDIR)
+export PATH := $(ROOT)/.venv/bin:$(PATH)
+export CONTAINERS_CONF := $(ROOT)/.lab/containers.conf
+export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
+export MOLECULE_GLOB := molecule/*/molecule.yml
+# Scenarios `make test` runs, in order.
+SCENARIOS ?= default
+
+.PHONY: setup demo test lint unit molecule bench lab-up lab-down lab-status clean
+
+setup:  ## install everything and build the lab image (safe to repeat)
+	@scripts/setup.sh
+
+demo: setup  ## set up, then run the main job on the local lab
+	@scripts/demo.sh
+
+test: setup lint unit molecule  ## everything CI runs
+
+lint:
+	yamllint --strict .
+	ruff check .
+	ruff format --check .
+	ansible-lint
+
+unit:
+	pytest
+
+molecule:
+	@for s in $(SCENARIOS); do molecule test -s $$s || exit 1; done
+
+bench: setup
+	@for b in bench/bench_*.py; do python $$b || exit 1; done
+
+lab-up:
+	smtpgw lab up
+lab-down:
+	smtpgw lab down
+lab-status:
+	smtpgw lab status
+
+clean: lab-down

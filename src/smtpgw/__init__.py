@@ -1,0 +1,3 @@
+"""smtpgw: SMTP gateways as code."""
+
+__version__ = "0.1.0"
