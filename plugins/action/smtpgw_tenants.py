@@ -1,0 +1,274 @@
+"""Ansible action plugin: load, template, validate and normalise smtpgw tenant files."""
+
+# Ansible's plugin contract puts DOCUMENTATION, EXAMPLES and RETURN before the imports.
+# ruff: noqa: E402
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: smtpgw_tenants
+short_description: Load and validate smtpgw tenant files
+description:
+  - Reads every C(*.yml) and C(*.yaml) file in O(path) (sorted by name; hidden files are
+    skipped). Each file holds one tenant of the SMTP gateway.
+  - Files are loaded with Ansible's loader, so files encrypted with ansible-vault and inline
+    C(!vault) values are decrypted, then every value is templated with the task variables, so
+    a C(password) of C("{{ vault_acme_scanner }}") resolves to the secret.
+  - The data is then validated by C(smtpgw.tenants) and returned normalised. Passwords are
+    returned only as Dovecot C({SHA512-CRYPT}) hashes with a salt derived from the login and
+    O(salt_key), so reruns give the same hash and the plaintext never appears in the result.
+  - Every problem in every file is reported at once, one per line, each naming the file, the
+    field, what is wrong and what to do. On any problem the task fails and returns no tenants.
+  - Runs on the controller only; it never connects to the target host.
+version_added: "0.1.0"
+author:
+  - smtpgw maintainers
+options:
+  path:
+    description:
+      - Directory holding the tenant files, usually C({{ inventory_dir }}/tenants).
+      - A relative path is relative to the playbook directory.
+      - An empty directory is fine and gives no tenants.
+    type: path
+    required: true
+  smarthosts:
+    description:
+      - Names of the known smart hosts. A tenant's C(relay.via) must be C(direct) or one of these.
+    type: list
+    elements: str
+    default: []
+  salt_key:
+    description:
+      - Key for the HMAC that derives each user's password salt from the login.
+      - Changing it changes every hash (and so rewrites the Dovecot password file once).
+    type: str
+    default: smtpgw
+notes:
+  - Needs the C(smtpgw) Python package on the controller (C(pip install -e .) in the project,
+    or C(PYTHONPATH=src)); when it is missing the plugin falls back to the C(src/) directory
+    of the checkout it lives in.
+  - Supports check mode; it never changes anything.
+  - The tenant file format is described in the docstring of the C(smtpgw.tenants) module.
+"""
+
+EXAMPLES = r"""
+- name: Tenants | Load and validate the tenant files
+  smtpgw_tenants:
+    path: "{{ inventory_dir }}/tenants"
+    smarthosts: "{{ relay_smarthosts | map(attribute='name') | list }}"
+    salt_key: "{{ vault_smtpgw_salt_key }}"
+  register: __relay_tenants
+
+- name: Tenants | Write the Dovecot password file
+  ansible.builtin.template:
+    src: passwd.j2
+    dest: /etc/dovecot/passwd
+    owner: root
+    group: dovecot
+    mode: "0640"
+  vars:
+    relay_tenants: "{{ __relay_tenants.tenants }}"
+
+# A tenant file, inventories/lab/tenants/acme.yml:
+#
+#   domains: [acme.test]
+#   users:
+#     - login: scanner@acme.test
+#       password: "{{ vault_acme_scanner }}"
+#   networks: [192.0.2.0/28]
+#   limits: {messages_per_day: 100}
+#   relay: {via: direct}
+"""
+
+RETURN = r"""
+tenants:
+  description:
+    - The present tenants, sorted by name, with defaults filled in.
+    - Domains are lowercase ASCII (IDNA) without a trailing dot; domains and networks are
+      de-duplicated in their original order; networks are canonical CIDR strings.
+  returned: success
+  type: list
+  elements: dict
+  sample:
+    - name: acme
+      domains: [acme.test]
+      users:
+        - login: scanner@acme.test
+          password_hash: "{SHA512-CRYPT}$6$PFpct6u4RthnqNl4$W3h/XeYEhNNGbH9t..."
+      networks: [192.0.2.0/28]
+      limits:
+        messages_per_day: 100
+        recipients_per_message: 50
+      relay:
+        via: direct
+  contains:
+    name:
+      description: Tenant name (the file stem).
+      type: str
+    domains:
+      description: Mail domains of the tenant.
+      type: list
+      elements: str
+    users:
+      description: SMTP AUTH users; C(login) is lowercased, C(password_hash) has a Dovecot scheme.
+      type: list
+      elements: dict
+    networks:
+      description: Client networks allowed to relay without authentication.
+      type: list
+      elements: str
+    limits:
+      description:
+        - C(messages_per_day) (null means unlimited) and C(recipients_per_message) (default 50).
+      type: dict
+    relay:
+      description: C(via) is C(direct) or the name of a smart host.
+      type: dict
+removed:
+  description: Names of the tenants whose file sets C(state) to C(absent), sorted.
+  returned: success
+  type: list
+  elements: str
+  sample: [oldcorp]
+msg:
+  description: A summary, or every error found, one per line.
+  returned: always
+  type: str
+  sample: "inventories/lab/tenants/acme.yml: users[0].password: variable 'vault_acme_scanner'
+    is undefined; define it (for example in group_vars/all/vault.yml with ansible-vault)"
+"""
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ansible.errors import AnsibleError, AnsibleParserError, AnsibleUndefinedVariable
+from ansible.plugins.action import ActionBase
+
+try:
+    from smtpgw import tenants as smtpgw_tenants
+except ImportError:
+    # Running from a checkout without the package installed: use its src/ directory.
+    _SRC = Path(__file__).resolve().parents[2] / "src"
+    if (_SRC / "smtpgw" / "tenants.py").is_file():
+        sys.path.insert(0, str(_SRC))
+        from smtpgw import tenants as smtpgw_tenants
+    else:
+        smtpgw_tenants = None
+
+ARGUMENT_SPEC = {
+    "path": {"type": "path", "required": True},
+    "smarthosts": {"type": "list", "elements": "str", "default": []},
+    "salt_key": {"type": "str", "default": "smtpgw"},
+}
+
+_UNDEFINED_RE = re.compile(r"^'([^']+)' is undefined")
+_VAULT_FIX = "run ansible-playbook with --ask-vault-pass or --vault-password-file"
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _requires_connection = False
+
+    def run(self, tmp: Any = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
+        task_vars = task_vars or {}
+        result = super().run(tmp, task_vars)
+        del tmp  # unused since Ansible 2.5
+        result["changed"] = False
+
+        if smtpgw_tenants is None:
+            result.update(
+                failed=True,
+                msg="smtpgw_tenants: the smtpgw Python package is not importable on the "
+                "controller; install it (pip install -e . in the smtpgw checkout) or set "
+                "PYTHONPATH to its src directory",
+            )
+            return result
+
+        _, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
+        shown_dir = args["path"]
+        directory = Path(self._loader.path_dwim(shown_dir))
+        if not directory.is_dir():
+            result.update(
+                failed=True,
+                msg=f"{shown_dir}: is not a directory; create it (tenant files go in "
+                "inventories/<name>/tenants/) or fix the path argument",
+            )
+            return result
+
+        templar = self._templar.copy_with_new_env(available_variables=task_vars)
+        raw: dict[str, object] = {}
+        for file in smtpgw_tenants.list_tenant_files(directory):
+            shown = os.path.join(shown_dir, file.name)
+            raw[shown] = self._load(file, templar)
+
+        outcome = smtpgw_tenants.validate_tenants(
+            raw, smarthosts=args["smarthosts"], salt_key=args["salt_key"]
+        )
+        if outcome.errors:
+            result.update(failed=True, msg="\n".join(outcome.errors))
+            return result
+        result.update(
+            tenants=outcome.tenants,
+            removed=outcome.removed,
+            msg=f"{len(outcome.tenants)} tenant(s), {len(outcome.removed)} removed",
+        )
+        return result
+
+    def _load(self, file: Path, templar: Any) -> object:
+        """Parse (and decrypt) one file, then template every value in it."""
+        try:
+            data = self._loader.load_from_file(str(file), cache="none", trusted_as_template=True)
+        except AnsibleParserError as exc:
+            return smtpgw_tenants.Unresolved(_parse_problem(exc))
+        except AnsibleError as exc:
+            return smtpgw_tenants.Unresolved(_problem(exc, "cannot read the file"))
+        return _render(templar, data)
+
+
+def _render(templar: Any, value: object, key: object = None) -> object:
+    """Template each leaf on its own, so a failure is reported at its own field."""
+    if isinstance(value, Mapping):
+        return {name: _render(templar, item, name) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_render(templar, item, key) for item in value]
+    try:
+        return templar.template(value)
+    except AnsibleError as exc:
+        secret = key in ("password", "password_hash")
+        return smtpgw_tenants.Unresolved(_problem(exc, "cannot template the value", secret))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()).rstrip(".")
+
+
+def _problem(exc: AnsibleError, what: str, secret: bool = False) -> str:
+    message = _one_line(getattr(exc, "message", "") or str(exc))
+    if isinstance(exc, AnsibleUndefinedVariable):
+        where = "group_vars/all/vault.yml with ansible-vault" if secret else "group_vars/all/"
+        match = _UNDEFINED_RE.match(message)
+        if match:
+            return f"variable '{match.group(1)}' is undefined; define it (for example in {where})"
+        return f"{message}; define the missing variable (for example in {where})"
+    if "vault" in message.lower() and ("secret" in message.lower() or "decrypt" in message):
+        return f"{what}: {message}; {_VAULT_FIX}"
+    return f"{what}: {message}; fix the Jinja expression"
+
+
+def _parse_problem(exc: AnsibleParserError) -> str:
+    message = _one_line(getattr(exc, "message", "") or str(exc))
+    message = message.removeprefix("YAML parsing failed: ")
+    origin = getattr(exc, "obj", None)
+    line = getattr(origin, "line_num", None)
+    column = getattr(origin, "col_num", None)
+    where = ""
+    if line:
+        where = f" at line {line}" + (f", column {column}" if column else "")
+    if "vault" in message.lower():
+        return f"cannot decrypt the file: {message}; {_VAULT_FIX}"
+    return f"YAML syntax error{where}: {message}; fix the YAML (indentation, quotes, brackets)"
