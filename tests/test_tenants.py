@@ -106,7 +106,7 @@ def test_defaults():
         "users": [],
         "networks": [],
         "limits": {"messages_per_day": None, "recipients_per_message": 50},
-        "relay": {"via": "direct"},
+        "relay": {},
     }
 
 

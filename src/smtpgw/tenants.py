@@ -10,7 +10,7 @@ A tenant file (``inventories/NAME/tenants/<name>.yml``) holds one YAML mapping::
         password: "{{ vault_acme_scanner }}"   # or password_hash: "{SHA512-CRYPT}$6$..."
     networks: [192.0.2.0/28]
     limits: {messages_per_day: 100, recipients_per_message: 50}
-    relay: {via: direct}
+    relay: {via: direct}        # or a smart host's name; default: the relay's route
 
 :func:`validate_tenants` is pure: it takes already parsed (and, under Ansible, already
 templated) data keyed by the file name to show in messages, and returns a :class:`Result`.
@@ -673,7 +673,8 @@ def _check_limits(check: _FileCheck, value: object) -> dict[str, int | None]:
 def _check_relay(
     check: _FileCheck, value: object, smarthosts: Collection[str] | None
 ) -> dict[str, str]:
-    relay = {"via": "direct"}
+    # No `via`: the relay's own route (relay_route) applies, so the key stays out.
+    relay: dict[str, str] = {}
     if value is None:
         return relay
     mapping = _expect_mapping(check, "relay", value, "relay: {via: direct}")

@@ -1,0 +1,38 @@
+"""Filters of the smtpgw roles: thin wrappers over the pure functions in src/smtpgw."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+try:
+    from smtpgw import postfix_maps as _maps
+except ImportError:  # running from a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+    from smtpgw import postfix_maps as _maps
+
+from ansible.errors import AnsibleFilterError
+
+
+def smtpgw_postfix_maps(tenants, smarthosts, route="direct"):
+    """Per-tenant Postfix tables as lines: see smtpgw.postfix_maps.postfix_maps."""
+    try:
+        return _maps.postfix_maps(tenants, smarthosts, route)
+    except _maps.RouteError as exc:
+        raise AnsibleFilterError(str(exc)) from exc
+
+
+def smtpgw_default_transport(route, smarthosts):
+    """main.cf default_transport for the relay's route (`direct` or a smart-host name)."""
+    try:
+        return _maps.default_transport(route, smarthosts)
+    except _maps.RouteError as exc:
+        raise AnsibleFilterError(str(exc)) from exc
+
+
+class FilterModule:
+    def filters(self):
+        return {
+            "smtpgw_postfix_maps": smtpgw_postfix_maps,
+            "smtpgw_default_transport": smtpgw_default_transport,
+        }
