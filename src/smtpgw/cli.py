@@ -62,6 +62,38 @@ def cmd_tenants_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    import os
+    import smtplib
+
+    from smtpgw import smtpclient
+
+    password = os.environ.get(args.password_env) if args.login else None
+    if args.login and password is None:
+        print(f"smtpgw: --login needs the password in ${args.password_env}", file=sys.stderr)
+        return 2
+    sub = smtpclient.Submission(
+        host=args.server,
+        port=args.port,
+        tls=args.tls,
+        server_name=args.server_name,
+        cafile=args.ca,
+        login=args.login,
+        password=password,
+    )
+    try:
+        token = smtpclient.send(sub, args.sender, args.to, args.subject)
+    except (OSError, smtplib.SMTPException) as exc:
+        print(f"smtpgw: sending through {args.server}:{args.port} failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"accepted by {args.server}:{args.port}; token {token}")
+    if args.expect_on:
+        text = lab.find_mail(token, host=args.expect_on)
+        print(f"--- arrived on {args.expect_on} ---")
+        print(text.rstrip())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smtpgw", description="SMTP gateways as code")
     sub = p.add_subparsers(dest="command", required=True)
@@ -77,6 +109,22 @@ def parser() -> argparse.ArgumentParser:
     lab_sub.add_parser("status", help="show the lab hosts and their state").set_defaults(
         func=cmd_lab_status
     )
+
+    p_send = sub.add_parser("send", help="send a test message through a gateway")
+    p_send.add_argument("--server", required=True, help="address or name of the gateway")
+    p_send.add_argument("--port", type=int, default=587)
+    p_send.add_argument("--tls", choices=["starttls", "implicit", "none"], default="starttls")
+    p_send.add_argument("--server-name", help="name the certificate must carry")
+    p_send.add_argument("--ca", help="CA file to verify the gateway against")
+    p_send.add_argument("--login", help="SASL login (password from --password-env)")
+    p_send.add_argument("--password-env", default="SMTPGW_PASSWORD", metavar="VAR")
+    p_send.add_argument("--from", dest="sender", required=True)
+    p_send.add_argument("--to", required=True)
+    p_send.add_argument("--subject")
+    p_send.add_argument(
+        "--expect-on", metavar="LABHOST", help="wait until it arrives on this lab MX and show it"
+    )
+    p_send.set_defaults(func=cmd_send)
 
     p_ten = sub.add_parser("tenants", help="tenant files")
     ten_sub = p_ten.add_subparsers(dest="tenants_command", required=True)

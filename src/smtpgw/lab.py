@@ -303,3 +303,27 @@ def status(root: Path | None = None) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+MAILDIR = "/var/mail/lab/Maildir"
+
+
+def find_mail(
+    token: str, host: str = "mx1", timeout: float = 60.0, container: str | None = None
+) -> str:
+    """The first message on a lab MX that contains `token`, waiting up to `timeout` seconds."""
+    root = project_root()
+    pm = Podman(podman_env(root))
+    name = container or HOSTS[host].container
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = pm.run(
+            "exec", name, "grep", "-rlF", "--", token, f"{MAILDIR}/new", f"{MAILDIR}/cur",
+            check=False, timeout=30,
+        )
+        if proc.returncode == 0 and proc.stdout.strip():
+            path = proc.stdout.split()[0]
+            return pm.run("exec", name, "cat", path).stdout
+        if time.monotonic() > deadline:
+            raise LabError(f"no message with {token} reached {name} in {timeout:.0f} s")
+        time.sleep(0.5)
