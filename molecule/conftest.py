@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
 import pytest
+import testinfra
 
-
-def container_ip(name: str) -> str:
-    """The address of a scenario's container on its podman network, as the host reaches it."""
-    out = subprocess.run(
-        ["podman", "inspect", name], capture_output=True, text=True, check=True
-    ).stdout
-    networks = json.loads(out)[0]["NetworkSettings"]["Networks"]
-    return next(iter(networks.values()))["IPAddress"]
+from smtpgw.lab import container_ip
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +24,18 @@ def ips() -> dict[str, str]:
         ).stdout
         names = ",".join(out.split())
     return {name: container_ip(name) for name in names.split(",") if name}
+
+
+@pytest.fixture(scope="session")
+def lab_host():
+    """Factory: the Testinfra host of one of the scenario's containers, by container name.
+
+    For tests that act on a given host rather than on each (the `host` fixture runs a test once per
+    host of the inventory).
+    """
+
+    def get(name: str):
+        inventory = os.environ["MOLECULE_INVENTORY_FILE"]
+        return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")
+
+    return get

@@ -796,3 +796,13 @@ def test_action_plugin_through_ansible_playbook(tmp_path: Path):
         "relay": {"via": "smart1"},
     }
     assert secret not in json.dumps(result)
+
+
+def test_check_dir_leaves_jinja_networks_to_the_deploy_time_check(tmp_path):
+    (tmp_path / "acme.yml").write_text(
+        "domains: [acme.test]\nnetworks: [\"{{ ansible_facts['default_ipv4']['gateway'] }}/32\"]\n"
+    )
+    assert check_dir(tmp_path).errors == []
+    # With templates resolved (under Ansible), the same value is checked as a network.
+    result = validate_tenants({"acme.yml": {"domains": ["acme.test"], "networks": ["{{ x }}"]}})
+    assert "networks[0]" in result.errors[0]

@@ -189,10 +189,14 @@ def _to_ascii(value: str, label: str) -> str:
 class _FileCheck:
     """Collects the messages for one tenant file."""
 
-    def __init__(self, file: str, quiet_paths: Collection[str] = ()) -> None:
+    def __init__(
+        self, file: str, quiet_paths: Collection[str] = (), templates_resolved: bool = True
+    ) -> None:
         self.file = file
         self.quiet_paths = set(quiet_paths)
         self.errors: list[str] = []
+        # False without Ansible: a Jinja expression is left for the deploy-time check.
+        self.templates_resolved = templates_resolved
 
     def error(self, path: str, what: str, fix: str) -> None:
         if path in self.quiet_paths:
@@ -271,7 +275,7 @@ def _check_file(
         return check, None, None
 
     unresolved = dict(_find_unresolved(data, ""))
-    check = _FileCheck(file, quiet_paths=unresolved)
+    check = _FileCheck(file, quiet_paths=unresolved, templates_resolved=resolve_secrets)
 
     if data is None:
         check.error(
@@ -605,6 +609,9 @@ def _check_networks(check: _FileCheck, value: object) -> list[str]:
             check.error(
                 path, f"must be a string, not a {_type_name(item)}", "write e.g. 192.0.2.0/28"
             )
+            continue
+        if not check.templates_resolved and is_secret_reference(item):
+            networks.append(item)  # e.g. a host fact; Ansible renders it before the real check
             continue
         network = _parse_network(check, path, item.strip())
         if network is not None and network not in networks:

@@ -1,0 +1,152 @@
+"""Tenant changes take effect on the next run of playbooks/site.yml, and nothing else changes:
+adding a tenant, changing a password, removing a tenant. Bad tenant files fail the run before
+any host is changed, each with its own error."""
+
+from __future__ import annotations
+
+import smtplib
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import SCENARIO, run_site
+
+from smtpgw.smtpclient import Submission, connect, send
+
+# What a tenant change may touch on the relay: its tables, their databases, the logins file.
+TENANT_TASKS = {
+    "relay : postfix | Render the tenant tables",
+    "relay : postfix | Render the tenant networks",
+    "relay : postfix | Build the databases of changed tables",
+    "relay : dovecot | Install the tenants' logins (hashes only)",
+}
+
+INITECH = """\
+name: initech
+domains: [initech.test]
+users:
+  - login: tps@initech.test
+    password: initech-tps-reports
+relay:
+  via: upstream1
+"""
+
+
+def login(lab, user, password):
+    return Submission(
+        lab.relay_ip, 587, "starttls", server_name=lab.relay_name, cafile=lab.ca,
+        login=user, password=password,
+    )
+
+
+def assert_login_refused(lab, user, password):
+    with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+        connect(login(lab, user, password))
+    assert err.value.smtp_code == 535
+
+
+def assert_tenant_change_only(run):
+    assert run.rc == 0, run.output[-3000:]
+    assert run.changed["smtpgw-gw-relay1"] > 0
+    assert set(run.changed_tasks) <= TENANT_TASKS, run.changed_tasks
+
+
+@pytest.fixture(scope="module")
+def restore_tenants():
+    """Whatever the tests do, the relay ends with the scenario's own tenants again."""
+    yield
+    run = run_site(SCENARIO / "tenants")
+    assert run.rc == 0, run.output[-3000:]
+
+
+def test_add_change_remove_tenant(lab, tenants_copy: Path, restore_tenants):
+    # Add: the new tenant's login relays (through its smart host) on the next run.
+    (tenants_copy / "initech.yml").write_text(INITECH)
+    assert_tenant_change_only(run_site(tenants_copy))
+    token = send(login(lab, "tps@initech.test", "initech-tps-reports"), "tps@initech.test",
+                 "added@dest.test")
+    assert "Authenticated sender: relay@lab.test" in lab.find_mail(token)
+
+    # Change a password: the new one works, the old one no longer does.
+    acme = tenants_copy / "acme.yml"
+    acme.write_text(acme.read_text().replace(
+        '"{{ lab_secret_acme_scanner }}"', "a-brand-new-scanner-password"))
+    assert_tenant_change_only(run_site(tenants_copy))
+    token = send(login(lab, "scanner@acme.test", "a-brand-new-scanner-password"),
+                 "scanner@acme.test", "changed@dest.test")
+    assert lab.find_mail(token)
+    assert_login_refused(lab, "scanner@acme.test", "lab-acme-scanner-pw")
+    # The other tenants are untouched.
+    token = send(login(lab, "app@acme.test", "lab-acme-app-password"), "app@acme.test",
+                 "untouched@dest.test")
+    assert lab.find_mail(token)
+
+    # Remove: every trace of the tenant leaves the relay.
+    (tenants_copy / "initech.yml").unlink()
+    assert_tenant_change_only(run_site(tenants_copy))
+    assert_login_refused(lab, "tps@initech.test", "initech-tps-reports")
+    traces = lab.exec("relay1", "grep", "-rl", "initech", "/etc/postfix", "/etc/dovecot",
+                      check=False)
+    assert traces == "", f"initech is still in {traces}"
+
+    # Marked absent rather than deleted: the same.
+    (tenants_copy / "initech.yml").write_text(INITECH)
+    assert_tenant_change_only(run_site(tenants_copy))
+    (tenants_copy / "initech.yml").write_text("name: initech\nstate: absent\n")
+    assert_tenant_change_only(run_site(tenants_copy))
+    assert_login_refused(lab, "tps@initech.test", "initech-tps-reports")
+
+
+BAD = {
+    "unknown-field": (
+        "typo.yml", "domians: [typo.test]\n", "typo.yml: unknown field 'domians'"),
+    "bad-domain": (
+        "bad.yml", "domains: [bad_domain..test]\n", "bad.yml: domains[0]: 'bad_domain..test'"),
+    "bad-cidr": (
+        "bad.yml", "domains: [bad.test]\nnetworks: [10.0.0.300/24]\n",
+        "bad.yml: networks[0]: '10.0.0.300/24' is not an IP network"),
+    "open-relay": (
+        "bad.yml", "domains: [bad.test]\nnetworks: [0.0.0.0/0]\n",
+        "bad.yml: networks[0]: 0.0.0.0/0 would make the gateway an open relay"),
+    "login-of-two-tenants": (
+        "bad.yml", """\
+            domains: [bad.test]
+            users:
+              - {login: tps@bad.test, password: long-enough-pw-1}
+              - {login: TPS@bad.test, password: long-enough-pw-2}
+            """,
+        "bad.yml: users[1].login"),
+    "login-in-another-tenants-domain": (
+        "bad.yml", """\
+            domains: [bad.test]
+            users:
+              - {login: scanner@acme.test, password: long-enough-pw-1}
+            """,
+        "bad.yml: users[0].login: 'scanner@acme.test' is not in one of this tenant's domains"),
+    "domain-of-two-tenants": (
+        "bad.yml", "domains: [acme.test]\n",
+        "domain 'acme.test' is already claimed by tenant"),
+    "missing-password": (
+        "bad.yml", "domains: [bad.test]\nusers:\n  - login: x@bad.test\n",
+        "bad.yml: users[0]: one of password or password_hash is required"),
+    "undefined-secret": (
+        "bad.yml", "domains: [bad.test]\nusers:\n"
+        "  - {login: x@bad.test, password: '{{ vault_bad_x }}'}\n",
+        "bad.yml: users[0].password: variable 'vault_bad_x' is undefined"),
+    "unknown-smarthost": (
+        "bad.yml", "domains: [bad.test]\nrelay: {via: upstreem1}\n",
+        "bad.yml: relay.via: unknown smart host 'upstreem1'; did you mean 'upstream1'?"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_tenant_file_fails_before_any_change(lab, tenants_copy: Path, case):
+    name, text, expected = BAD[case]
+    (tenants_copy / name).write_text(textwrap.dedent(text))
+    before = lab.relay_state()
+    run = run_site(tenants_copy)
+    assert run.rc != 0
+    assert expected in run.output, run.output[-3000:]
+    assert run.changed.get("smtpgw-gw-relay1") == 0
+    assert run.changed_tasks == []
+    assert lab.relay_state() == before
