@@ -63,7 +63,7 @@ def test_port_465_uses_wrappermode_transport_and_tls_policy():
 
 
 def test_unknown_smarthost_is_named():
-    with pytest.raises(RouteError, match="tenant acme: relay.via: smart host 'nope'"):
+    with pytest.raises(RouteError, match=r"tenant acme: relay\.via: smart host 'nope'"):
         postfix_maps([{**ACME, "relay": {"via": "nope"}}], SMART)
     with pytest.raises(RouteError, match="relay_route"):
         default_transport("nope", SMART)

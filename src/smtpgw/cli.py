@@ -56,9 +56,10 @@ def cmd_tenants_check(args: argparse.Namespace) -> int:
     if result.errors:
         print(f"{len(result.errors)} error(s) in {path}", file=sys.stderr)
         return 1
-    print(f"{path}: {len(result.tenants)} tenant(s) ok" + (
-        f", {len(result.removed)} marked absent" if result.removed else ""
-    ))
+    print(
+        f"{path}: {len(result.tenants)} tenant(s) ok"
+        + (f", {len(result.removed)} marked absent" if result.removed else "")
+    )
     return 0
 
 

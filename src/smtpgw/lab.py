@@ -318,8 +318,16 @@ def find_mail(
     deadline = time.monotonic() + timeout
     while True:
         proc = pm.run(
-            "exec", name, "grep", "-rlF", "--", token, f"{MAILDIR}/new", f"{MAILDIR}/cur",
-            check=False, timeout=30,
+            "exec",
+            name,
+            "grep",
+            "-rlF",
+            "--",
+            token,
+            f"{MAILDIR}/new",
+            f"{MAILDIR}/cur",
+            check=False,
+            timeout=30,
         )
         if proc.returncode == 0 and proc.stdout.strip():
             path = proc.stdout.split()[0]
@@ -327,3 +335,13 @@ def find_mail(
         if time.monotonic() > deadline:
             raise LabError(f"no message with {token} reached {name} in {timeout:.0f} s")
         time.sleep(0.5)
+
+
+def container_ip(name: str) -> str:
+    """The address of a container on its (first) podman network, as this machine reaches it."""
+    pm = Podman(podman_env(project_root()))
+    info = pm.inspect("container", name)
+    if info is None:
+        raise LabError(f"no container named {name}")
+    networks = info["NetworkSettings"]["Networks"]
+    return next(iter(networks.values()))["IPAddress"]

@@ -6,8 +6,6 @@ import smtplib
 import uuid
 
 
-
-
 def test_accepts_and_keeps_mail(host, ips):
     token = uuid.uuid4().hex
     with smtplib.SMTP(ips["smtpgw-default-mx1"], 25, timeout=30) as smtp:

@@ -1,5 +1,6 @@
-"""The gateway scenario's lab, as the tests see it from the machine: addresses, the lab CA, and
-ways to act inside a container (send from a host outside every tenant network, read a queue)."""
+"""The gateway scenario's lab, as the tests see it from the machine: addresses, the lab CA, ways
+to act inside a container (send from a host outside every tenant network, read a queue), and
+reruns of playbooks/site.yml with other tenant files."""
 
 from __future__ import annotations
 
@@ -8,15 +9,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from conftest import container_ip  # noqa: E402  (molecule/conftest.py)
+from smtpgw.lab import container_ip
 
 SCENARIO = Path(__file__).resolve().parents[1]
 ROOT = SCENARIO.parents[1]
@@ -90,8 +87,7 @@ class Lab:
         )
 
 
-@pytest.fixture(scope="session")
-def lab() -> Lab:
+def lab_from_scenario() -> Lab:
     pki = ROOT / ".lab" / "pki"
     return Lab(
         relay_ip=container_ip(PREFIX + "relay1"),
@@ -101,7 +97,9 @@ def lab() -> Lab:
     )
 
 
-RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+RECAP = re.compile(
+    r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
+)
 
 
 @dataclass
@@ -146,11 +144,3 @@ def _changed_tasks(out: str) -> list[str]:
         elif line.startswith("changed:") and current and (not names or names[-1] != current):
             names.append(current)
     return names
-
-
-@pytest.fixture
-def tenants_copy(tmp_path: Path) -> Path:
-    """A copy of the scenario's tenant files, for a test to add to, change or remove."""
-    dest = tmp_path / "tenants"
-    shutil.copytree(SCENARIO / "tenants", dest)
-    return dest

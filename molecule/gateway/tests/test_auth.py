@@ -14,8 +14,13 @@ PASSWORDS = {"scanner@acme.test": "lab-acme-scanner-pw"}
 
 def sub(lab, port=587, mode="starttls", login=None, password=None):
     return Submission(
-        lab.relay_ip, port, mode, server_name=lab.relay_name, cafile=lab.ca,
-        login=login, password=password,
+        lab.relay_ip,
+        port,
+        mode,
+        server_name=lab.relay_name,
+        cafile=lab.ca,
+        login=login,
+        password=password,
     )
 
 
@@ -43,7 +48,9 @@ def test_auth_without_tls_refused(lab, port):
     with smtplib.SMTP(lab.relay_ip, port, timeout=30) as smtp:
         smtp.ehlo("client.test")
         assert not smtp.has_extn("auth")
-        secret = base64.b64encode(b"\0scanner@acme.test\0" + PASSWORDS["scanner@acme.test"].encode())
+        secret = base64.b64encode(
+            b"\0scanner@acme.test\0" + PASSWORDS["scanner@acme.test"].encode()
+        )
         code, _ = smtp.docmd("AUTH", "PLAIN " + secret.decode())
         assert code >= 500  # the right password, but never in the clear
 

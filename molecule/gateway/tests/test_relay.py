@@ -17,8 +17,13 @@ BILLING = ("billing@globex.test", "lab-globex-billing-pw")
 
 def login_sub(lab, who=SCANNER, port=587, mode="starttls"):
     return Submission(
-        lab.relay_ip, port, mode, server_name=lab.relay_name, cafile=lab.ca,
-        login=who[0], password=who[1],
+        lab.relay_ip,
+        port,
+        mode,
+        server_name=lab.relay_name,
+        cafile=lab.ca,
+        login=who[0],
+        password=who[1],
     )
 
 
@@ -29,13 +34,12 @@ def test_login_mail_arrives_with_body_intact(lab):
         ".a line that starts with a dot\r\n"
         "..two dots\r\n"
         "trailing spaces   \r\n"
-        + "x" * 990 + "\r\n"
+        + "x" * 990
+        + "\r\n"
         + "\r\n".join(f"line {i:04d}" for i in range(2000))
         + "\r\n"
     )
-    raw = (
-        f"From: scanner@acme.test\r\nTo: body@dest.test\r\nSubject: body {token}\r\n\r\n{body}"
-    )
+    raw = f"From: scanner@acme.test\r\nTo: body@dest.test\r\nSubject: body {token}\r\n\r\n{body}"
     with connect(login_sub(lab)) as smtp:
         smtp.sendmail("scanner@acme.test", ["body@dest.test"], raw.encode())
     arrived = lab.find_mail(token).replace("\r\n", "\n")
@@ -116,9 +120,8 @@ def test_outsider_cannot_relay_under_tls_either(lab):
     ],
 )
 def test_login_cannot_send_as_another_domain(lab, who, sender):
-    with connect(login_sub(lab, who)) as smtp:
-        with pytest.raises(smtplib.SMTPRecipientsRefused) as err:
-            smtp.sendmail(sender, ["victim@dest.test"], b"Subject: spoof\r\n\r\nx\r\n")
+    with connect(login_sub(lab, who)) as smtp, pytest.raises(smtplib.SMTPRecipientsRefused) as err:
+        smtp.sendmail(sender, ["victim@dest.test"], b"Subject: spoof\r\n\r\nx\r\n")
     code, text = err.value.recipients["victim@dest.test"]
     assert code == 553 and b"not owned by user" in text
 

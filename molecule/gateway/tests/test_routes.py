@@ -14,15 +14,23 @@ BILLING = ("billing@globex.test", "lab-globex-billing-pw")
 
 def login_sub(lab, who):
     return Submission(
-        lab.relay_ip, 587, "starttls", server_name=lab.relay_name, cafile=lab.ca,
-        login=who[0], password=who[1],
+        lab.relay_ip,
+        587,
+        "starttls",
+        server_name=lab.relay_name,
+        cafile=lab.ca,
+        login=who[0],
+        password=who[1],
     )
 
 
 def received(message: str) -> list[str]:
     headers = message.replace("\r\n", "\n").split("\n\n", 1)[0]
-    return [h for h in headers.replace("\n\t", " ").replace("\n ", " ").split("\n")
-            if h.startswith("Received:")]
+    return [
+        h
+        for h in headers.replace("\n\t", " ").replace("\n ", " ").split("\n")
+        if h.startswith("Received:")
+    ]
 
 
 def test_direct_tenant_goes_straight_to_the_mx(lab):

@@ -9,7 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import SCENARIO, run_site
+from gwlab import SCENARIO, run_site
 
 from smtpgw.smtpclient import Submission, connect, send
 
@@ -34,8 +34,13 @@ relay:
 
 def login(lab, user, password):
     return Submission(
-        lab.relay_ip, 587, "starttls", server_name=lab.relay_name, cafile=lab.ca,
-        login=user, password=password,
+        lab.relay_ip,
+        587,
+        "starttls",
+        server_name=lab.relay_name,
+        cafile=lab.ca,
+        login=user,
+        password=password,
     )
 
 
@@ -63,30 +68,37 @@ def test_add_change_remove_tenant(lab, tenants_copy: Path, restore_tenants):
     # Add: the new tenant's login relays (through its smart host) on the next run.
     (tenants_copy / "initech.yml").write_text(INITECH)
     assert_tenant_change_only(run_site(tenants_copy))
-    token = send(login(lab, "tps@initech.test", "initech-tps-reports"), "tps@initech.test",
-                 "added@dest.test")
+    token = send(
+        login(lab, "tps@initech.test", "initech-tps-reports"), "tps@initech.test", "added@dest.test"
+    )
     assert "Authenticated sender: relay@lab.test" in lab.find_mail(token)
 
     # Change a password: the new one works, the old one no longer does.
     acme = tenants_copy / "acme.yml"
-    acme.write_text(acme.read_text().replace(
-        '"{{ lab_secret_acme_scanner }}"', "a-brand-new-scanner-password"))
+    acme.write_text(
+        acme.read_text().replace('"{{ lab_secret_acme_scanner }}"', "a-brand-new-scanner-password")
+    )
     assert_tenant_change_only(run_site(tenants_copy))
-    token = send(login(lab, "scanner@acme.test", "a-brand-new-scanner-password"),
-                 "scanner@acme.test", "changed@dest.test")
+    token = send(
+        login(lab, "scanner@acme.test", "a-brand-new-scanner-password"),
+        "scanner@acme.test",
+        "changed@dest.test",
+    )
     assert lab.find_mail(token)
     assert_login_refused(lab, "scanner@acme.test", "lab-acme-scanner-pw")
     # The other tenants are untouched.
-    token = send(login(lab, "app@acme.test", "lab-acme-app-password"), "app@acme.test",
-                 "untouched@dest.test")
+    token = send(
+        login(lab, "app@acme.test", "lab-acme-app-password"), "app@acme.test", "untouched@dest.test"
+    )
     assert lab.find_mail(token)
 
     # Remove: every trace of the tenant leaves the relay.
     (tenants_copy / "initech.yml").unlink()
     assert_tenant_change_only(run_site(tenants_copy))
     assert_login_refused(lab, "tps@initech.test", "initech-tps-reports")
-    traces = lab.exec("relay1", "grep", "-rl", "initech", "/etc/postfix", "/etc/dovecot",
-                      check=False)
+    traces = lab.exec(
+        "relay1", "grep", "-rl", "initech", "/etc/postfix", "/etc/dovecot", check=False
+    )
     assert traces == "", f"initech is still in {traces}"
 
     # Marked absent rather than deleted: the same.
@@ -98,44 +110,61 @@ def test_add_change_remove_tenant(lab, tenants_copy: Path, restore_tenants):
 
 
 BAD = {
-    "unknown-field": (
-        "typo.yml", "domians: [typo.test]\n", "typo.yml: unknown field 'domians'"),
+    "unknown-field": ("typo.yml", "domians: [typo.test]\n", "typo.yml: unknown field 'domians'"),
     "bad-domain": (
-        "bad.yml", "domains: [bad_domain..test]\n", "bad.yml: domains[0]: 'bad_domain..test'"),
+        "bad.yml",
+        "domains: [bad_domain..test]\n",
+        "bad.yml: domains[0]: 'bad_domain..test'",
+    ),
     "bad-cidr": (
-        "bad.yml", "domains: [bad.test]\nnetworks: [10.0.0.300/24]\n",
-        "bad.yml: networks[0]: '10.0.0.300/24' is not an IP network"),
+        "bad.yml",
+        "domains: [bad.test]\nnetworks: [10.0.0.300/24]\n",
+        "bad.yml: networks[0]: '10.0.0.300/24' is not an IP network",
+    ),
     "open-relay": (
-        "bad.yml", "domains: [bad.test]\nnetworks: [0.0.0.0/0]\n",
-        "bad.yml: networks[0]: 0.0.0.0/0 would make the gateway an open relay"),
+        "bad.yml",
+        "domains: [bad.test]\nnetworks: [0.0.0.0/0]\n",
+        "bad.yml: networks[0]: 0.0.0.0/0 would make the gateway an open relay",
+    ),
     "login-of-two-tenants": (
-        "bad.yml", """\
+        "bad.yml",
+        """\
             domains: [bad.test]
             users:
               - {login: tps@bad.test, password: long-enough-pw-1}
               - {login: TPS@bad.test, password: long-enough-pw-2}
             """,
-        "bad.yml: users[1].login"),
+        "bad.yml: users[1].login",
+    ),
     "login-in-another-tenants-domain": (
-        "bad.yml", """\
+        "bad.yml",
+        """\
             domains: [bad.test]
             users:
               - {login: scanner@acme.test, password: long-enough-pw-1}
             """,
-        "bad.yml: users[0].login: 'scanner@acme.test' is not in one of this tenant's domains"),
+        "bad.yml: users[0].login: 'scanner@acme.test' is not in one of this tenant's domains",
+    ),
     "domain-of-two-tenants": (
-        "bad.yml", "domains: [acme.test]\n",
-        "domain 'acme.test' is already claimed by tenant"),
+        "bad.yml",
+        "domains: [acme.test]\n",
+        "domain 'acme.test' is already claimed by tenant",
+    ),
     "missing-password": (
-        "bad.yml", "domains: [bad.test]\nusers:\n  - login: x@bad.test\n",
-        "bad.yml: users[0]: one of password or password_hash is required"),
+        "bad.yml",
+        "domains: [bad.test]\nusers:\n  - login: x@bad.test\n",
+        "bad.yml: users[0]: one of password or password_hash is required",
+    ),
     "undefined-secret": (
-        "bad.yml", "domains: [bad.test]\nusers:\n"
-        "  - {login: x@bad.test, password: '{{ vault_bad_x }}'}\n",
-        "bad.yml: users[0].password: variable 'vault_bad_x' is undefined"),
+        "bad.yml",
+        "domains: [bad.test]\nusers:\n  - {login: x@bad.test, password: '{{ vault_bad_x }}'}\n",
+        "bad.yml: users[0].password: variable 'vault_bad_x' is undefined",
+    ),
     "unknown-smarthost": (
-        "bad.yml", "domains: [bad.test]\nrelay: {via: upstreem1}\n",
-        "bad.yml: relay.via: unknown smart host 'upstreem1'; did you mean 'upstream1'?"),
+        "bad.yml",
+        "domains: [bad.test]\nrelay: {via: upstreem1}\n",
+        "bad.yml: relay.via: unknown smart host 'upstreem1'; did you mean 'upstream1'?",
+    ),
 }
 
 

@@ -65,7 +65,7 @@ def test_tls_before_1_2_refused_and_1_2_accepted(lab, port):
                 f = raw.makefile("rb")
                 f.readline()
                 raw.sendall(b"EHLO client.test\r\n")
-                while (line := f.readline())[3:4] == b"-":
+                while f.readline()[3:4] == b"-":
                     pass
                 raw.sendall(b"STARTTLS\r\n")
                 assert f.readline().startswith(b"220")
