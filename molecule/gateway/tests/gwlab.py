@@ -82,8 +82,9 @@ class Lab:
             "relay1",
             "sh",
             "-c",
-            "sha256sum /etc/postfix/main.cf /etc/postfix/master.cf /etc/postfix/smtpgw/* "
-            "/etc/postfix/smtpgw/tls/* /etc/dovecot/dovecot.conf /etc/dovecot/smtpgw-users",
+            "find /etc/postfix/main.cf /etc/postfix/master.cf /etc/postfix/smtpgw "
+            "/etc/dovecot/dovecot.conf /etc/dovecot/smtpgw-users -type f -print0 "
+            "| sort -z | xargs -0 sha256sum",
         )
 
 
