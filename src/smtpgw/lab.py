@@ -22,7 +22,7 @@ import yaml
 NETWORK = os.environ.get("SMTPGW_LAB_NAME", "smtpgw-lab")
 SUBNET = os.environ.get("SMTPGW_LAB_SUBNET", "10.89.60.0/24")
 DOMAIN = "lab.test"
-IMAGE = "localhost/smtpgw-lab:latest"
+IMAGE = os.environ.get("SMTPGW_LAB_IMAGE", "localhost/smtpgw-lab:latest")
 LABEL = f"smtpgw.lab.{NETWORK}"
 BOOT_TIMEOUT = 90.0
 
