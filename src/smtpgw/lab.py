@@ -236,7 +236,7 @@ def inventory_path(root: Path) -> Path:
 
 def write_inventory(root: Path, hosts: list[LabHost]) -> Path:
     path = inventory_path(root)
-    header = "# Written by `smtpgw lab up`: the lab hosts that run now. Do not edit.\n"
+    header = "---\n# Written by `smtpgw lab up`: the lab hosts that run now. Do not edit.\n"
     text = header + yaml.safe_dump(inventory(hosts), sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file() or path.read_text() != text:
