@@ -7,7 +7,7 @@ export CONTAINERS_CONF := $(ROOT)/.lab/containers.conf
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 export MOLECULE_GLOB := molecule/*/molecule.yml
 # Scenarios `make test` runs, in order.
-SCENARIOS ?= default
+SCENARIOS ?= default gateway lab_upstream lab_dns
 
 .PHONY: setup demo test lint unit molecule bench lab-up lab-down lab-status clean
 

@@ -129,3 +129,32 @@ def test_login_cannot_send_as_another_domain(lab, who, sender):
 def test_login_may_use_any_address_of_its_domains(lab):
     token = send(login_sub(lab), "billing-reports@acme.test", "own@dest.test")
     assert lab.find_mail(token)
+
+
+@pytest.mark.parametrize(
+    "header_from",
+    [
+        "billing@globex.test",  # another tenant's domain
+        '"scanner@acme.test" <ceo@globex.test>',  # a display name that looks right
+        "scanner@acme.test, ceo@globex.test",  # one of two addresses foreign
+    ],
+)
+@pytest.mark.parametrize(("port", "mode"), [(587, "starttls"), (465, "implicit")])
+def test_login_cannot_use_another_domain_in_header_from(lab, header_from, port, mode):
+    raw = f"From: {header_from}\r\nTo: victim@dest.test\r\nSubject: spoof\r\n\r\nx\r\n"
+    sub = login_sub(lab, port=port, mode=mode)
+    with connect(sub) as smtp, pytest.raises(smtplib.SMTPDataError) as err:
+        smtp.sendmail("scanner@acme.test", ["victim@dest.test"], raw.encode())
+    assert err.value.smtp_code == 550
+    assert b"is not a domain of login scanner@acme.test" in err.value.smtp_error
+
+
+def test_login_header_from_of_own_domain_arrives(lab):
+    token = uuid.uuid4().hex
+    raw = (
+        f'From: "Acme Billing" <billing@ACME.test>\r\nTo: own@dest.test\r\n'
+        f"Subject: {token}\r\n\r\n{token}\r\n"
+    )
+    with connect(login_sub(lab)) as smtp:
+        smtp.sendmail("scanner@acme.test", ["own@dest.test"], raw.encode())
+    assert lab.find_mail(token)

@@ -1,0 +1,1 @@
+../../../src/smtpgw/fromcheck.py
