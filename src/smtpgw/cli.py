@@ -43,14 +43,14 @@ def cmd_tenants_check(args: argparse.Namespace) -> int:
     from smtpgw import tenants
 
     path = Path(args.path)
-    if not path.is_dir() and (path / "tenants").is_dir():
-        path = path / "tenants"
-    if (path / "tenants").is_dir():
+    if (path / "tenants").is_dir():  # an inventory: its tenants/ directory
         path = path / "tenants"
     if not path.is_dir():
         print(f"smtpgw: {path}: no such directory of tenant files", file=sys.stderr)
         return 2
     result = tenants.check_dir(path, smarthosts=args.smarthost or None)
+    for note in result.notes:
+        print(note, file=sys.stderr)
     for error in result.errors:
         print(error, file=sys.stderr)
     if result.errors:
