@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smtpgw.lab import container_ip
+from smtpgw.smtpclient import Submission
 
 SCENARIO = Path(__file__).resolve().parents[1]
 ROOT = SCENARIO.parents[1]
@@ -33,6 +34,20 @@ class Lab:
     relay_name: str
     ca: str
     relay_cert: str
+
+    def submission(
+        self, login: str | None = None, password: str | None = None, port=587, mode="starttls"
+    ) -> Submission:
+        """How a client reaches the relay: its address, its name and the lab CA verified."""
+        return Submission(
+            self.relay_ip,
+            port,
+            mode,
+            server_name=self.relay_name,
+            cafile=self.ca,
+            login=login,
+            password=password,
+        )
 
     @staticmethod
     def exec(host: str, *cmd: str, stdin: str | None = None, check: bool = True) -> str:

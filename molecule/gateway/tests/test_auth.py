@@ -7,21 +7,13 @@ import smtplib
 
 import pytest
 
-from smtpgw.smtpclient import Submission, connect, send
+from smtpgw.smtpclient import connect, send
 
 PASSWORDS = {"scanner@acme.test": "lab-acme-scanner-pw"}
 
 
 def sub(lab, port=587, mode="starttls", login=None, password=None):
-    return Submission(
-        lab.relay_ip,
-        port,
-        mode,
-        server_name=lab.relay_name,
-        cafile=lab.ca,
-        login=login,
-        password=password,
-    )
+    return lab.submission(login, password, port, mode)
 
 
 @pytest.mark.parametrize(("port", "mode"), [(587, "starttls"), (465, "implicit")])

@@ -16,15 +16,7 @@ BILLING = ("billing@globex.test", "lab-globex-billing-pw")
 
 
 def login_sub(lab, who=SCANNER, port=587, mode="starttls"):
-    return Submission(
-        lab.relay_ip,
-        port,
-        mode,
-        server_name=lab.relay_name,
-        cafile=lab.ca,
-        login=who[0],
-        password=who[1],
-    )
+    return lab.submission(*who, port, mode)
 
 
 def test_login_mail_arrives_with_body_intact(lab):

@@ -6,22 +6,14 @@ from __future__ import annotations
 import time
 import uuid
 
-from smtpgw.smtpclient import Submission, send
+from smtpgw.smtpclient import send
 
 SCANNER = ("scanner@acme.test", "lab-acme-scanner-pw")
 BILLING = ("billing@globex.test", "lab-globex-billing-pw")
 
 
 def login_sub(lab, who):
-    return Submission(
-        lab.relay_ip,
-        587,
-        "starttls",
-        server_name=lab.relay_name,
-        cafile=lab.ca,
-        login=who[0],
-        password=who[1],
-    )
+    return lab.submission(*who)
 
 
 def received(message: str) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from gwlab import run_site
 
-from smtpgw.smtpclient import Submission, connect, send
+from smtpgw.smtpclient import connect, send
 
 # What a tenant change may touch on the relay: its tables, their databases, the logins file.
 TENANT_TASKS = {
@@ -41,15 +41,7 @@ networks: [192.0.2.0/28]
 
 
 def login(lab, user, password):
-    return Submission(
-        lab.relay_ip,
-        587,
-        "starttls",
-        server_name=lab.relay_name,
-        cafile=lab.ca,
-        login=user,
-        password=password,
-    )
+    return lab.submission(user, password)
 
 
 def assert_login_refused(lab, user, password):
