@@ -24,6 +24,16 @@ fail() {
 exec 9>/var/tmp/smtpgw-image.lock
 flock 9
 
+# A killed build leaves its work folder behind, with proc/sys still mounted in the chroot:
+# unmount before removing, never rm -rf through a live mount.
+cleanup_dir() {
+    findmnt -rn -o TARGET | grep -F "$1/" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+    rm -rf --one-file-system "$1"
+}
+for stale in /var/tmp/smtpgw-image.*; do
+    [ -d "$stale" ] && cleanup_dir "$stale"
+done
+
 if podman image exists "$tag"; then
     echo "lab image $tag is up to date (recipe unchanged)"
     podman tag "$tag" "$name:latest"
@@ -41,15 +51,6 @@ fi
 [ -n "$mirror" ] || fail "no Debian mirror found in /etc/apt; set SMTPGW_DEBIAN_MIRROR=http://..."
 
 packages=$(grep -v '^#' "$here/packages.txt" | tr -s ' \n' ',' | sed 's/^,//; s/,$//')
-# A killed build leaves its work folder behind, with proc/sys still mounted in the chroot:
-# unmount before removing, never rm -rf through a live mount.
-cleanup_dir() {
-    findmnt -rn -o TARGET | grep -F "$1/" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
-    rm -rf --one-file-system "$1"
-}
-for stale in /var/tmp/smtpgw-image.*; do
-    [ -d "$stale" ] && cleanup_dir "$stale"
-done
 work=$(mktemp -d /var/tmp/smtpgw-image.XXXXXX)
 trap 'cleanup_dir "$work"' EXIT
 root="$work/rootfs"
