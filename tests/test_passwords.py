@@ -122,3 +122,11 @@ def test_dovecot_hash_is_idempotent_and_salt_ignores_password():
     assert other != first
     # Same login, same salt: the salt is derived from the login, never from the password.
     assert other.split("$")[2] == first.split("$")[2]
+
+
+def test_dovecot_hash_is_the_same_with_or_without_crypt(monkeypatch):
+    from smtpgw import passwords
+
+    fast = passwords.dovecot_hash("a@acme.test", "a password of some length", "key")
+    monkeypatch.setattr(passwords, "_crypt", None)
+    assert passwords.dovecot_hash("a@acme.test", "a password of some length", "key") == fast

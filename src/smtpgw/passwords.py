@@ -12,6 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import warnings
+
+try:  # glibc's crypt(3) where Python still has it (removed in 3.13): ~10x faster
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt as _crypt
+except ImportError:
+    _crypt = None
 
 __all__ = [
     "CRYPT_ALPHABET",
@@ -66,7 +74,12 @@ def derive_salt(login: str, salt_key: str) -> str:
 
 def dovecot_hash(login: str, password: str, salt_key: str) -> str:
     """Return ``{SHA512-CRYPT}$6$<salt>$<hash>`` with a salt derived from the login."""
-    return SCHEME + sha512_crypt(password, derive_salt(login, salt_key))
+    salt = derive_salt(login, salt_key)
+    if _crypt is not None and "\0" not in password:
+        fast = _crypt.crypt(password, f"$6${salt}")
+        if fast and fast.startswith(f"$6${salt}$"):
+            return SCHEME + fast
+    return SCHEME + sha512_crypt(password, salt)
 
 
 def sha512_crypt(password: str | bytes, salt: str, rounds: int | None = None) -> str:
