@@ -1,0 +1,586 @@
+#!/usr/bin/env python3
+"""Relay throughput of the deployed gateway: TLS + AUTH on 587 against plain SMTP, same run.
+
+Sets up a lab of its own (`smtpgw-bench`: dns1, relay1, mx1), deploys the gateway with one
+tenant (a login, and this machine's address on the lab network as its network), and replaces the
+MX's Postfix by Postfix's `smtp-sink`, so what is measured is the relay and not the MX. Then, in
+rounds that alternate the order, it sends the same number of 5 KB messages through two paths:
+
+- `587 TLS+AUTH`: STARTTLS (the client's default, TLS 1.3) and a login, as applications send;
+- `25 plain`: no TLS, no login, relayed because the client is on the tenant's network.
+
+Both paths go through the same Postfix, the same restrictions and the same onward delivery (direct,
+MX lookup, to the sink). Each path: `--sessions` parallel sessions, each session sends
+`--per-session` messages then quits and a new one starts, until `--messages` were sent or the time
+limit passed. Reported per path: accepted messages/s (until the last one was accepted), end to end
+messages/s (until the sink had them all), CPU per message of the relay container, the sink and this
+client; and the ratio of the two paths. Before the load, sequential sessions measure where the
+set-up time of a session goes (plain 25; 587 and 465, each with TLS 1.3 and 1.2), and count the
+stalls (a ~42 ms one under TLS 1.3 was seen here).
+
+Exits non-zero when anything fails (a message refused, one not delivered to the sink, the lab).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import resource
+import smtplib
+import socket
+import ssl
+import statistics
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _benchlab as bl
+
+RELAY = bl.lab.HOSTS["relay1"]
+MX = bl.lab.HOSTS["mx1"]
+SENDER = "app@bench.test"
+PASSWORD = "bench-app-password"
+RECIPIENT = "sink@dest.test"
+SINK_DIR = "/dev/shm/smtpgw-bench-sink"  # tmpfs: the sink writes each message here, we count them
+SINK_UNIT = "smtpgw-bench-sink"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One way into the relay."""
+
+    label: str
+    port: int
+    tls: str  # none | starttls | implicit
+    login: bool
+
+
+TLS_AUTH = Entry("587 TLS+AUTH", 587, "starttls", True)
+PLAIN = Entry("25 plain", 25, "none", False)
+IMPLICIT_AUTH = Entry("465 TLS+AUTH", 465, "implicit", True)  # latency probe only
+
+
+# --------------------------------------------------------------------------------------------
+# The SMTP client
+
+
+def tls_context(maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(bl.CA))
+    if maximum is not None:
+        ctx.maximum_version = maximum
+    return ctx
+
+
+def open_session(path: Entry, ctx: ssl.SSLContext, marks: dict[str, float] | None = None):
+    """An SMTP session on `path`, ready for MAIL FROM; `marks` gets the time of each step."""
+
+    def mark(step: str) -> None:
+        if marks is not None:
+            marks[step] = time.perf_counter()
+
+    mark("start")
+    helo = "bench-client.bench.test"
+    if path.tls == "implicit":
+        smtp: smtplib.SMTP = smtplib.SMTP_SSL(timeout=30, local_hostname=helo, context=ctx)
+    else:
+        smtp = smtplib.SMTP(timeout=30, local_hostname=helo)
+    smtp._host = bl.RELAY_NAME  # the name the certificate is checked against
+    smtp.connect(RELAY.ip, path.port)
+    mark("banner")
+    if path.tls == "starttls":
+        smtp.ehlo()
+        mark("ehlo")
+        smtp.starttls(context=ctx)
+        mark("starttls")
+    smtp.ehlo()
+    mark("ehlo_tls" if path.tls != "none" else "ehlo")
+    if path.login:
+        smtp.login(SENDER, PASSWORD)
+        mark("auth")
+    return smtp
+
+
+def message(size: int, tag: str) -> bytes:
+    head = (
+        f"From: <{SENDER}>\r\nTo: <{RECIPIENT}>\r\nSubject: smtpgw bench {tag}\r\n"
+        f"Message-ID: <{uuid.uuid4().hex}@bench.test>\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
+    ).encode()
+    line = b"smtpgw relay throughput benchmark: five kilobytes of plain text in short lines.\r\n"
+    body = (line * (size // len(line) + 1))[: max(0, size - len(head) - 2)]
+    return head + body + b"\r\n"
+
+
+@dataclass
+class Load:
+    path: Entry
+    target: int
+    accepted: int = 0
+    sessions: int = 0
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # first session opened to last message accepted
+    drained: float = 0.0  # first session opened to the sink having every accepted message
+    delivered: int = 0
+    time_bounded: bool = False
+    relay_cpu: float | None = None  # seconds, send + drain
+    sink_cpu: float | None = None
+    client_cpu: float = 0.0
+    setup: list[float] = field(default_factory=list)  # session set-up times (s)
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.seconds if self.seconds else 0.0
+
+    @property
+    def e2e_rate(self) -> float:
+        return self.delivered / self.drained if self.drained else 0.0
+
+
+class Sender:
+    """`sessions` threads that share a budget of messages; each session sends `per_session`."""
+
+    MAX_ERRORS = 20
+
+    def __init__(self, load: Load, sessions: int, per_session: int, size: int, limit: float):
+        self.load = load
+        self.sessions = sessions
+        self.per_session = per_session
+        self.size = size
+        self.limit = limit
+        self.lock = threading.Lock()
+        self.claimed = 0
+        self.ctx = tls_context()
+        self.deadline = 0.0
+        self.started = 0.0  # perf_counter when the sessions were let go
+
+    def _claim(self) -> bool:
+        with self.lock:
+            if (
+                self.claimed >= self.load.target
+                or len(self.load.errors) >= self.MAX_ERRORS
+                or time.monotonic() > self.deadline
+            ):
+                if time.monotonic() > self.deadline and self.claimed < self.load.target:
+                    self.load.time_bounded = True
+                return False
+            self.claimed += 1
+            return True
+
+    def _unclaim(self) -> None:
+        with self.lock:
+            self.claimed -= 1
+
+    def _error(self, text: str) -> None:
+        with self.lock:
+            self.load.errors.append(text)
+
+    def _worker(self, start: threading.Barrier, wid: int) -> None:
+        start.wait()
+        n = 0
+        while self._claim():
+            marks: dict[str, float] = {}
+            try:
+                smtp = open_session(self.load.path, self.ctx, marks)
+            except (OSError, smtplib.SMTPException) as exc:
+                self._unclaim()
+                self._error(f"session: {exc!r}")
+                continue
+            with self.lock:
+                self.load.sessions += 1
+                self.load.setup.append(time.perf_counter() - marks["start"])
+            sent_here = 0
+            try:
+                while True:  # the message claimed above, then more while the session lasts
+                    n += 1
+                    data = message(self.size, f"{wid}-{n}")
+                    try:
+                        smtp.sendmail(SENDER, [RECIPIENT], data)
+                    except smtplib.SMTPException as exc:
+                        self._error(f"message: {exc!r}")
+                        break
+                    with self.lock:
+                        self.load.accepted += 1
+                    sent_here += 1
+                    if sent_here >= self.per_session or not self._claim():
+                        break
+                with contextlib.suppress(OSError, smtplib.SMTPException):
+                    smtp.quit()
+            except OSError as exc:
+                self._error(f"connection: {exc!r}")
+                with contextlib.suppress(OSError):
+                    smtp.close()
+
+    def run(self) -> None:
+        barrier = threading.Barrier(self.sessions + 1)
+        threads = [
+            threading.Thread(target=self._worker, args=(barrier, i), daemon=True)
+            for i in range(self.sessions)
+        ]
+        for t in threads:
+            t.start()
+        self.deadline = time.monotonic() + self.limit
+        self.started = time.perf_counter()
+        barrier.wait()
+        for t in threads:
+            t.join(self.limit + 60)
+        self.load.seconds = time.perf_counter() - self.started
+
+
+# --------------------------------------------------------------------------------------------
+# The sink on mx1, and CPU accounting
+
+
+def sink_start() -> None:
+    bl.on("mx1", "systemctl", "stop", "postfix", SINK_UNIT, check=False)
+    bl.on("mx1", "sh", "-c", f"mkdir -p {SINK_DIR} && chown nobody {SINK_DIR}")
+    bl.on(
+        "mx1",
+        "systemd-run",
+        f"--unit={SINK_UNIT}",
+        "--collect",
+        "/usr/sbin/smtp-sink",
+        "-u",
+        "nobody",
+        "-h",
+        MX.fqdn,
+        "-d",
+        f"{SINK_DIR}/",
+        "0.0.0.0:25",
+        "256",
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection((MX.ip, 25), timeout=2) as s:
+            if s.recv(100).startswith(b"220"):
+                return
+        if time.monotonic() > deadline:
+            raise bl.BenchError(f"smtp-sink on {MX.container} did not answer on port 25")
+        time.sleep(0.3)
+
+
+def sink_count() -> int:
+    return int(bl.on("mx1", "sh", "-c", f"ls -U {SINK_DIR} | wc -l").strip())
+
+
+def sink_clear() -> None:
+    bl.on("mx1", "find", SINK_DIR, "-type", "f", "-delete")
+
+
+def relay_queue_size() -> int:
+    out = bl.on("relay1", "postqueue", "-j")
+    return len([line for line in out.splitlines() if line.strip()])
+
+
+def cpu_seconds(container: str) -> float | None:
+    """CPU time used by a container so far (cgroup v1 cpuacct or v2 cpu.stat), or None."""
+    cgpath = bl.podman("inspect", container, "--format", "{{.State.CgroupPath}}").strip()
+    v1 = Path(f"/sys/fs/cgroup/cpuacct{cgpath}/cpuacct.usage")
+    v2 = Path(f"/sys/fs/cgroup{cgpath}/cpu.stat")
+    try:
+        if v1.is_file():
+            return int(v1.read_text()) / 1e9
+        if v2.is_file():
+            for line in v2.read_text().splitlines():
+                if line.startswith("usage_usec "):
+                    return int(line.split()[1]) / 1e6
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def client_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+# --------------------------------------------------------------------------------------------
+# The measurements
+
+
+def wait_delivered(expected: int, timeout: float) -> tuple[int, float]:
+    """Poll the sink until it holds `expected` messages; (count, monotonic time reached)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = sink_count()
+        now = time.perf_counter()
+        if count >= expected or time.monotonic() > deadline:
+            return count, now
+        time.sleep(0.25)
+
+
+def wait_queue_empty(timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while relay_queue_size():
+        if time.monotonic() > deadline:
+            raise bl.BenchError(f"the queue of {RELAY.container} did not empty in {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def run_load(path: Entry, args: argparse.Namespace) -> Load:
+    wait_queue_empty()  # nothing of an earlier run still on its way to the sink
+    sink_clear()
+    load = Load(path, args.messages)
+    relay0, sink0, client0 = cpu_seconds(RELAY.container), cpu_seconds(MX.container), client_cpu()
+    sender = Sender(load, args.sessions, args.per_session, args.size, args.time_limit)
+    sender.run()
+    load.delivered, reached = wait_delivered(load.accepted, timeout=120)
+    load.drained = reached - sender.started
+    relay1, sink1 = cpu_seconds(RELAY.container), cpu_seconds(MX.container)
+    load.client_cpu = client_cpu() - client0
+    if relay0 is not None and relay1 is not None:
+        load.relay_cpu = relay1 - relay0
+    if sink0 is not None and sink1 is not None:
+        load.sink_cpu = sink1 - sink0
+    return load
+
+
+STEPS = (
+    ("banner", "connect+banner"),  # with the TLS handshake on 465
+    ("ehlo", "EHLO"),
+    ("starttls", "STARTTLS+handshake"),
+    ("ehlo_tls", "first EHLO in TLS"),
+    ("auth", "AUTH PLAIN"),
+    ("mail", "first message"),
+)
+
+
+@dataclass
+class Probe:
+    label: str
+    steps: dict[str, list[float]]  # ms, one value a session
+
+    def median(self, step: str) -> float | None:
+        return statistics.median(self.steps[step]) if step in self.steps else None
+
+    @property
+    def totals(self) -> list[float]:
+        return [sum(v) for v in zip(*self.steps.values(), strict=True)]
+
+
+def setup_latency(path: Entry, ctx: ssl.SSLContext, count: int, size: int) -> Probe:
+    """The time of each step of `count` sequential sessions, each sending one message."""
+    steps: dict[str, list[float]] = {}
+    version = "plain"
+    for _ in range(count):
+        marks: dict[str, float] = {}
+        smtp = open_session(path, ctx, marks)
+        if isinstance(smtp.sock, ssl.SSLSocket):
+            version = smtp.sock.version() or "?"
+        smtp.sendmail(SENDER, [RECIPIENT], message(size, "latency"))
+        marks["mail"] = time.perf_counter()
+        smtp.quit()
+        order = ["start", *[k for k, _ in STEPS if k in marks]]
+        for prev, step in itertools.pairwise(order):
+            steps.setdefault(step, []).append((marks[step] - marks[prev]) * 1000)
+    return Probe(f"{path.port} {version}", steps)
+
+
+def latency_report(args: argparse.Namespace) -> None:
+    ctx12 = tls_context(ssl.TLSVersion.TLSv1_2)
+    probes = [
+        setup_latency(PLAIN, tls_context(), args.probes, args.size),
+        setup_latency(TLS_AUTH, tls_context(), args.probes, args.size),
+        setup_latency(TLS_AUTH, ctx12, args.probes, args.size),
+        setup_latency(IMPLICIT_AUTH, tls_context(), args.probes, args.size),
+        setup_latency(IMPLICIT_AUTH, ctx12, args.probes, args.size),
+    ]
+    print(f"   {'median':<20}" + "".join(f"{p.label:>13}" for p in probes))
+    for step, label in STEPS:
+        cells = [p.median(step) for p in probes]
+        print(f"   {label:<20}" + "".join(f"{fmt(c, '13.1f'):>13}" for c in cells))
+    print(
+        f"   {'session, median':<20}"
+        + "".join(f"{statistics.median(p.totals):>13.1f}" for p in probes)
+    )
+    print(f"   {'session, slowest':<20}" + "".join(f"{max(p.totals):>13.1f}" for p in probes))
+    # A step of 30 ms or more is no work of Postfix's: it is waiting (Nagle, delayed ACK).
+    labels = dict(STEPS)
+    print("   steps of 30 ms or more (stalls), in how many of the column's sessions:")
+    for p in probes:
+        slow = [
+            f"{labels[step]} {sum(v >= 30 for v in values)}/{len(values)}"
+            for step, values in p.steps.items()
+            if any(v >= 30 for v in values)
+        ]
+        print(f"   {p.label:>14}: {', '.join(slow) or 'none'}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def client_address() -> str:
+    """This machine's address as the relay sees it (the source address towards it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((RELAY.ip, 25))
+        return s.getsockname()[0]
+
+
+def bench_tenant(client_ip: str) -> dict[str, str]:
+    return {
+        "bench": (
+            "# The benchmark's tenant: a login for 587, and this machine as a network for 25.\n"
+            "name: bench\n"
+            "domains: [bench.test]\n"
+            "users:\n"
+            f"  - login: {SENDER}\n"
+            f'    password: "{PASSWORD}"\n'
+            f"networks: [{client_ip}/32]\n"
+        )
+    }
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def per_msg_ms(cpu: float | None, n: int) -> float | None:
+    return None if cpu is None or not n else cpu / n * 1000
+
+
+def report(loads: list[Load]) -> tuple[float, float]:
+    head = (
+        f"{'round':>5}  {'path':<13} {'msgs':>5} {'sess':>4} {'secs':>6} {'accepted/s':>10} "
+        f"{'e2e/s':>7} {'relay CPU':>9} {'sink CPU':>8} {'client CPU':>10}"
+    )
+    print(head)
+    print(
+        f"{'':>5}  {'':<13} {'':>5} {'':>4} {'':>6} {'':>10} {'':>7} {'ms/msg':>9} "
+        f"{'ms/msg':>8} {'ms/msg':>10}"
+    )
+    for i, ld in enumerate(loads):
+        print(
+            f"{i // 2 + 1:>5}  {ld.path.label:<13} {ld.accepted:>5} {ld.sessions:>4} "
+            f"{ld.seconds:>6.1f} {ld.rate:>10.1f} {ld.e2e_rate:>7.1f} "
+            f"{fmt(per_msg_ms(ld.relay_cpu, ld.accepted), '9.2f'):>9} "
+            f"{fmt(per_msg_ms(ld.sink_cpu, ld.accepted), '8.2f'):>8} "
+            f"{per_msg_ms(ld.client_cpu, ld.accepted) or 0:>10.2f}"
+            + ("  (time limit reached)" if ld.time_bounded else "")
+        )
+
+    def total(path: Entry) -> tuple[float, float, float | None]:
+        mine = [ld for ld in loads if ld.path == path]
+        n = sum(ld.accepted for ld in mine)
+        rate = n / sum(ld.seconds for ld in mine)
+        e2e = sum(ld.delivered for ld in mine) / sum(ld.drained for ld in mine)
+        cpus = [ld.relay_cpu for ld in mine]
+        cpu = None if None in cpus else sum(c for c in cpus if c is not None) / n * 1000
+        return rate, e2e, cpu
+
+    tls_rate, tls_e2e, tls_cpu = total(TLS_AUTH)
+    plain_rate, plain_e2e, plain_cpu = total(PLAIN)
+    print()
+    print(f"   {TLS_AUTH.label:<13}: {tls_rate:7.1f} accepted/s, {tls_e2e:7.1f} end to end/s")
+    print(f"   {PLAIN.label:<13}: {plain_rate:7.1f} accepted/s, {plain_e2e:7.1f} end to end/s")
+    print(
+        f"   ratio TLS+AUTH / plain: accepted/s {tls_rate / plain_rate:.2f}, "
+        f"end to end/s {tls_e2e / plain_e2e:.2f}"
+        + (
+            f", relay CPU per message {tls_cpu / plain_cpu:.2f}x "
+            f"({tls_cpu:.2f} vs {plain_cpu:.2f} ms)"
+            if tls_cpu and plain_cpu
+            else ""
+        )
+    )
+    per_round = [
+        a.rate / b.rate if a.path == TLS_AUTH else b.rate / a.rate
+        for a, b in zip(loads[::2], loads[1::2], strict=False)
+    ]
+    if len(per_round) > 1:
+        print("   per round ratio (accepted/s): " + ", ".join(f"{r:.2f}" for r in per_round))
+    return tls_rate, plain_rate
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1000 messages, 1 round, 10 probes")
+    p.add_argument("--messages", type=int, help="messages per path and round (default 2000)")
+    p.add_argument("--rounds", type=int, help="rounds, each path once a round (default 3)")
+    p.add_argument("--sessions", type=int, default=10, help="parallel sessions (default 10)")
+    p.add_argument("--per-session", type=int, default=20, help="messages a session (default 20)")
+    p.add_argument("--size", type=int, default=5 * 1024, help="message size, bytes (default 5120)")
+    p.add_argument("--time-limit", type=float, default=150.0, help="seconds per path and round")
+    p.add_argument("--probes", type=int, help="sequential sessions per latency probe (default 30)")
+    p.add_argument("--keep", action="store_true", help="leave the bench lab running afterwards")
+    args = p.parse_args(argv)
+    args.messages = args.messages or (1000 if args.quick else 2000)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.probes = args.probes or (10 if args.quick else 30)
+    if min(args.messages, args.rounds, args.sessions, args.per_session, args.probes) < 1:
+        p.error("counts must be at least 1")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    rerun = bl.rerun_command("bench_throughput.py", argv)
+    print(f"smtpgw bench: relay throughput, TLS+AUTH on 587 against plain on 25\nrerun: {rerun}")
+    print(f"source: {bl.source_version()}")
+    started = time.monotonic()
+    try:
+        with bl.BenchLab(["dns1", "relay1", "mx1"], keep=args.keep):
+            bl.section("Lab services and the gateway (playbooks/lab.yml, playbooks/site.yml)")
+            client_ip = client_address()
+            bl.write_tenants(bench_tenant(client_ip))
+            for playbook in ("lab.yml", "site.yml"):
+                run = bl.run_playbook(playbook)
+                bl.log(f"{playbook}: {run.seconds:.0f} s")
+            bl.log(f"tenant 'bench': login {SENDER}, network {client_ip}/32 (this machine)")
+
+            bl.section(f"Sink: smtp-sink on {MX.container} port 25 instead of Postfix")
+            sink_start()
+            for path in (PLAIN, TLS_AUTH):  # one message each way, checked at the sink
+                sink_clear()
+                smtp = open_session(path, tls_context())
+                smtp.sendmail(SENDER, [RECIPIENT], message(args.size, "check"))
+                smtp.quit()
+                got, _ = wait_delivered(1, timeout=30)
+                if got != 1:
+                    raise bl.BenchError(f"{path.label}: the test message never reached the sink")
+            bl.log("one message by each path reached the sink through the relay")
+
+            bl.section(f"Session set-up: {args.probes} sequential sessions a column (ms)")
+            latency_report(args)
+
+            bl.section(
+                f"Load: {args.messages} x {args.size} B messages per path and round, "
+                f"{args.sessions} sessions of {args.per_session} messages, {args.rounds} round(s)"
+            )
+            loads: list[Load] = []
+            for rnd in range(args.rounds):
+                order = (PLAIN, TLS_AUTH) if rnd % 2 == 0 else (TLS_AUTH, PLAIN)
+                for path in order:
+                    load = run_load(path, args)
+                    setup_ms = statistics.median(load.setup) * 1000 if load.setup else 0.0
+                    bl.log(
+                        f"round {rnd + 1} {path.label}: {load.accepted} accepted in "
+                        f"{load.seconds:.1f} s, {load.delivered} at the sink after "
+                        f"{load.drained:.1f} s; session set-up under load {setup_ms:.1f} ms median"
+                    )
+                    loads.append(load)
+                    if load.errors:
+                        raise bl.BenchError(
+                            f"{path.label}: {len(load.errors)} error(s), first: {load.errors[0]}"
+                        )
+                    if load.delivered < load.accepted:
+                        raise bl.BenchError(
+                            f"{path.label}: {load.accepted} accepted but only {load.delivered} "
+                            f"reached the sink; see `postqueue -p` on {RELAY.container}"
+                        )
+            wait_queue_empty(timeout=30)
+            bl.section("Results (same run, same relay, same onward path)")
+            report(loads)
+    except (bl.BenchError, OSError, smtplib.SMTPException, ssl.SSLError) as exc:
+        return bl.fail(f"{exc}\nrerun: {rerun}")
+    except KeyboardInterrupt:
+        return bl.fail("interrupted; the bench lab was removed")
+    print(f"\nfinished in {time.monotonic() - started:.0f} s\nrerun: {rerun}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
