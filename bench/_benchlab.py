@@ -49,6 +49,8 @@ if lab.NETWORK != LAB_NAME:  # never let a benchmark reach the user's lab
     raise RuntimeError(f"smtpgw.lab was imported before the bench set SMTPGW_LAB_NAME={LAB_NAME}")
 
 INVENTORY = ROOT / ".lab" / LAB_NAME
+# Every playbook run's output is kept here (the lab goes, the logs stay): one directory a run.
+LOGS = ROOT / ".lab" / "bench-logs" / f"{Path(sys.argv[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 TENANTS = INVENTORY / "tenants"
 PKI = INVENTORY / "pki"
 CA = PKI / "ca.crt"
@@ -123,13 +125,20 @@ class Run:
         return sum(self.changed.values())
 
 
-def run_playbook(playbook: str | Path, *extra: str, timeout: float = 900.0) -> Run:
+_runs = 0
+
+
+def run_playbook(playbook: str | Path, *extra: str, label: str = "", timeout: float = 900.0) -> Run:
     """Run a playbook against the bench inventory; wall time measured around the process.
 
     `playbook` is a name in playbooks/ (`site.yml`) or a path. The inventory is the hosts.yml
     file, not its directory: Ansible would try every file in a directory (the tenant files, the
-    CA) as an inventory source.
+    CA) as an inventory source. The output goes to LOGS/NN-LABEL.log.
     """
+    global _runs
+    _runs += 1
+    LOGS.mkdir(parents=True, exist_ok=True)
+    logfile = LOGS / f"{_runs:02d}-{label or Path(playbook).stem}.log"
     env = dict(os.environ)
     env.update(
         {
@@ -159,6 +168,7 @@ def run_playbook(playbook: str | Path, *extra: str, timeout: float = 900.0) -> R
         raise BenchError(f"{playbook} ran longer than {timeout:.0f} s; stopped it") from exc
     seconds = time.monotonic() - start
     out = proc.stdout + proc.stderr
+    logfile.write_text(f"# {shlex.join(cmd)}\n# {seconds:.1f} s, rc {proc.returncode}\n{out}")
     run = Run(str(playbook), proc.returncode, seconds, out)
     run.changed = {m[0]: int(m[2]) for m in _RECAP.findall(out)}
     run.failed = {m[0]: int(m[4]) for m in _RECAP.findall(out)}
@@ -166,7 +176,10 @@ def run_playbook(playbook: str | Path, *extra: str, timeout: float = 900.0) -> R
     run.tasks = [(m[0].strip(), float(m[1])) for m in _PROFILE.findall(tail)]
     if proc.returncode != 0:
         last = "\n".join(out.rstrip().splitlines()[-40:])
-        raise BenchError(f"{playbook} failed (rc {proc.returncode}); its last lines:\n{last}")
+        raise BenchError(
+            f"{playbook} failed (rc {proc.returncode}); whole output in {logfile}; "
+            f"its last lines:\n{last}"
+        )
     return run
 
 

@@ -53,11 +53,11 @@ def measure(count: int, fresh: bool) -> Size:
     bl.write_tenants(bl.generated_tenants(count))
     if fresh:
         bl.BenchLab.recreate("relay1")
-        bl.run_playbook(FRESH_RELAY)
+        bl.run_playbook(FRESH_RELAY, label="fresh-relay")
         bl.log("relay1: a fresh container, resolving through dns1")
-    first = bl.run_playbook("site.yml")
+    first = bl.run_playbook("site.yml", label=f"site-{count}-first")
     bl.log(f"first run:  {first.seconds:6.1f} s, {first.total_changed} change(s)")
-    second = bl.run_playbook("site.yml")
+    second = bl.run_playbook("site.yml", label=f"site-{count}-second")
     bl.log(f"second run: {second.seconds:6.1f} s, {second.total_changed} change(s)")
     return Size(count, first, second, deployed_logins())
 
@@ -143,7 +143,8 @@ def main(argv: list[str]) -> int:
         return bl.fail("interrupted; the bench lab was removed")
     if problems:
         return bl.fail("\n".join(problems) + f"\nrerun: {rerun}")
-    print(f"\nfinished in {time.monotonic() - started:.0f} s\nrerun: {rerun}")
+    print(f"\nfinished in {time.monotonic() - started:.0f} s; playbook logs in {bl.LOGS}")
+    print(f"rerun: {rerun}")
     return 0
 
 

@@ -578,7 +578,8 @@ def main(argv: list[str]) -> int:
         return bl.fail(f"{exc}\nrerun: {rerun}")
     except KeyboardInterrupt:
         return bl.fail("interrupted; the bench lab was removed")
-    print(f"\nfinished in {time.monotonic() - started:.0f} s\nrerun: {rerun}")
+    print(f"\nfinished in {time.monotonic() - started:.0f} s; playbook logs in {bl.LOGS}")
+    print(f"rerun: {rerun}")
     return 0
 
 
