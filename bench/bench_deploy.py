@@ -7,6 +7,10 @@ lab CA and DNS the relay needs; not measured). Then, for each size, it generates
 container (so every first run is a deployment to a new host: packages, configuration, tables) and
 times two runs of playbooks/site.yml: the first, and the second, which must change nothing.
 
+With `--first-runs N` it measures only first runs instead: N fresh relay containers in a row, one
+tenant each, with the time of every first run and of its slowest handler; a handler over 20 s
+(one that waited on a hung service) fails it.
+
 Prints a table of the times, the ratio second run (largest) / second run (1 tenant), and where the
 time goes: the tasks whose time grows most with the tenants (from ansible.posix.profile_tasks).
 Exits non-zero when a run fails, a second run changes anything, or the relay does not end up
@@ -95,11 +99,71 @@ def report(sizes: list[Size]) -> None:
         )
 
 
+def sizes_runs(counts: list[int]) -> list[str]:
+    """A first and a second run for each number of tenants; prints the table; the problems."""
+    problems: list[str] = []
+    sizes = []
+    for i, count in enumerate(counts):
+        size = measure(count, fresh=i > 0)
+        sizes.append(size)
+        if size.second.total_changed:
+            problems.append(
+                f"{count} tenants: the second run changed {size.second.total_changed} "
+                "thing(s); it should change nothing"
+            )
+        if size.logins != count:
+            problems.append(
+                f"{count} tenants: {bl.lab.HOSTS['relay1'].container}:{USERS_FILE} has "
+                f"{size.logins} login(s), not {count}"
+            )
+    bl.section("Results")
+    report(sizes)
+    return problems
+
+
+def first_runs(count: int) -> list[str]:
+    """`count` first runs in a row, each on a fresh relay container; returns the problems."""
+    bl.section(f"{count} first runs in a row, 1 tenant, each on a fresh relay container")
+    bl.write_tenants(bl.generated_tenants(1))
+    times: list[float] = []
+    problems: list[str] = []
+    print(f"   {'run':>3}  {'first run':>9}  slowest handler")
+    for i in range(count):
+        bl.BenchLab.recreate("relay1")
+        bl.run_playbook(FRESH_RELAY, label=f"fresh-relay-{i + 1}")
+        run = bl.run_playbook("site.yml", label=f"site-first-{i + 1}")
+        handlers = [(secs, name) for name, secs in run.tasks if name.split(" : ")[-1] in HANDLERS]
+        secs, name = max(handlers, default=(0.0, "none"))
+        print(f"   {i + 1:>3}  {run.seconds:>8.1f}s  {secs:.1f} s {name}", flush=True)
+        times.append(run.seconds)
+        if secs > SLOW_HANDLER:
+            problems.append(f"first run {i + 1}: {name} took {secs:.1f} s")
+    times.sort()
+    median = times[len(times) // 2]
+    fastest, slowest = times[0], times[-1]
+    print(f"\n   first runs: fastest {fastest:.1f} s, median {median:.1f} s, slowest {slowest:.1f}")
+    return problems
+
+
+# A handler slower than this waited on something (a restart takes 1-3 s here).
+SLOW_HANDLER = 20.0
+# The relay role's handlers (profile_tasks puts the role's name before them).
+HANDLERS = {
+    "Check the Postfix configuration",
+    "Reload Postfix",
+    "Restart Dovecot",
+    "Restart the header-From check",
+}
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 and 100 tenants")
     p.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], help="e.g. 1,100,1000")
     p.add_argument("--keep", action="store_true", help="leave the bench lab running afterwards")
+    p.add_argument(
+        "--first-runs", type=int, metavar="N", help="only N first runs on fresh relays, 1 tenant"
+    )
     args = p.parse_args(argv)
     args.sizes = args.sizes or ([1, 100] if args.quick else [1, 100, 1000])
     if not all(1 <= n <= 65536 for n in args.sizes):
@@ -110,8 +174,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     rerun = bl.rerun_command("bench_deploy.py", argv)
-    sizes_text = ", ".join(str(n) for n in args.sizes)
-    print(f"smtpgw bench: deploy time of playbooks/site.yml, {sizes_text} tenants\nrerun: {rerun}")
+    what = (
+        f"{args.first_runs} first runs"
+        if args.first_runs
+        else ", ".join(str(n) for n in args.sizes) + " tenants"
+    )
+    print(f"smtpgw bench: deploy time of playbooks/site.yml, {what}\nrerun: {rerun}")
     print(f"source: {bl.source_version()}")
     started = time.monotonic()
     problems: list[str] = []
@@ -121,22 +189,10 @@ def main(argv: list[str]) -> int:
             bl.write_tenants(bl.generated_tenants(1))
             run = bl.run_playbook("lab.yml")
             bl.log(f"lab.yml: {run.seconds:.0f} s")
-            sizes = []
-            for i, count in enumerate(args.sizes):
-                size = measure(count, fresh=i > 0)
-                sizes.append(size)
-                if size.second.total_changed:
-                    problems.append(
-                        f"{count} tenants: the second run changed {size.second.total_changed} "
-                        "thing(s); it should change nothing"
-                    )
-                if size.logins != count:
-                    problems.append(
-                        f"{count} tenants: {bl.lab.HOSTS['relay1'].container}:{USERS_FILE} has "
-                        f"{size.logins} login(s), not {count}"
-                    )
-            bl.section("Results")
-            report(sizes)
+            if args.first_runs:
+                problems += first_runs(args.first_runs)
+            else:
+                problems += sizes_runs(args.sizes)
     except bl.BenchError as exc:
         return bl.fail(f"{exc}\nrerun: {rerun}")
     except KeyboardInterrupt:
