@@ -8,8 +8,14 @@ export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 export MOLECULE_GLOB := molecule/*/molecule.yml
 # Scenarios `make test` runs, in order.
 SCENARIOS ?= default gateway lab_upstream lab_dns
+# The checkout as the collection smtpgw.gateway, on the collections path ansible.cfg names.
+COLLECTION_LINK := .lab/collections/ansible_collections/smtpgw/gateway
 
 .PHONY: setup demo test lint unit molecule bench lab-up lab-down lab-status clean
+
+# A relative link (../../../.. is the checkout), so a moved or copied checkout keeps working.
+$(COLLECTION_LINK):
+	mkdir -p $(@D) && ln -sfn ../../../.. $@
 
 setup:  ## install everything and build the lab image (safe to repeat)
 	@scripts/setup.sh
@@ -19,16 +25,16 @@ demo: setup  ## set up, then run the main job on the local lab
 
 test: setup lint unit molecule  ## everything CI runs
 
-lint:
+lint: | $(COLLECTION_LINK)
 	yamllint --strict .
 	ruff check .
 	ruff format --check .
 	ansible-lint
 
-unit:
+unit: | $(COLLECTION_LINK)
 	pytest
 
-molecule:
+molecule: | $(COLLECTION_LINK)
 	@for s in $(SCENARIOS); do molecule test -s $$s || exit 1; done
 
 bench: setup

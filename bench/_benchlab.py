@@ -36,7 +36,8 @@ os.environ.setdefault("CONTAINERS_CONF", str(ROOT / ".lab" / "containers.conf"))
 for _bin in (ROOT / ".venv" / "bin", Path(sys.executable).parent):
     if _bin.is_dir() and str(_bin) not in os.environ["PATH"].split(os.pathsep):
         os.environ["PATH"] = f"{_bin}{os.pathsep}{os.environ['PATH']}"
-# The checkout's own Python package, here and in Ansible's action plugin, before any installed one.
+# The checkout's own Python package, here and in the Python tools run from here, before any
+# installed one. (Ansible's plugins import the collection's copy, which is this same src/smtpgw.)
 if (ROOT / "src" / "smtpgw").is_dir():
     sys.path.insert(0, str(ROOT / "src"))
     os.environ["PYTHONPATH"] = os.pathsep.join(

@@ -77,6 +77,12 @@ timeout 60 podman info >/dev/null 2>"$state/podman-info.err" ||
     fail "podman cannot start: $(tail -n 3 "$state/podman-info.err")" \
         "check 'podman info'; if a killed run left locks behind, 'podman system renumber' clears them"
 
+step "The checkout as the collection smtpgw.gateway ($state/collections)"
+# ansible.cfg's collections_path; a relative link, so a moved checkout keeps working.
+mkdir -p "$state/collections/ansible_collections/smtpgw"
+ln -sfn ../../../.. "$state/collections/ansible_collections/smtpgw/gateway"
+echo "linked"
+
 step "Lab image"
 "$root/lab/image/build.sh" || exit 1
 

@@ -698,7 +698,7 @@ PLAYBOOK = """\
   gather_facts: false
   tasks:
     - name: Load tenants
-      smtpgw_tenants:
+      smtpgw.gateway.smtpgw_tenants:
         path: tenants
         smarthosts: [smart1]
       register: __tenants
@@ -715,10 +715,15 @@ def _run_playbook(workdir: Path, *extra: str) -> dict[str, Any]:
     playbook = _ansible_tool("ansible-playbook")
     if playbook is None:
         pytest.skip("ansible-playbook is not installed")
+    # This checkout as the collection smtpgw.gateway, as ansible.cfg has it in .lab/collections.
+    collections = workdir / "collections"
+    link = collections / "ansible_collections" / "smtpgw" / "gateway"
+    if not link.is_symlink():
+        link.parent.mkdir(parents=True)
+        link.symlink_to(REPO)
     env = dict(os.environ)
     env.update(
-        ANSIBLE_ACTION_PLUGINS=str(REPO / "plugins" / "action"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")])),
+        ANSIBLE_COLLECTIONS_PATH=str(collections),
         ANSIBLE_NOCOLOR="1",
         ANSIBLE_RETRY_FILES_ENABLED="0",
         ANSIBLE_LOCALHOST_WARNING="0",

@@ -45,16 +45,15 @@ options:
     type: str
     default: smtpgw
 notes:
-  - Needs the C(smtpgw) Python package on the controller (C(pip install -e .) in the project,
-    or C(PYTHONPATH=src)); when it is missing the plugin falls back to the C(src/) directory
-    of the checkout it lives in.
+  - Uses the collection's own copy of the C(smtpgw) Python package
+    (C(plugins/module_utils/smtpgw)); nothing needs to be installed with pip.
   - Supports check mode; it never changes anything.
   - The tenant file format is described in the docstring of the C(smtpgw.tenants) module.
 """
 
 EXAMPLES = r"""
 - name: Tenants | Load and validate the tenant files
-  smtpgw_tenants:
+  smtpgw.gateway.smtpgw_tenants:
     path: "{{ inventory_dir }}/tenants"
     smarthosts: "{{ relay_smarthosts | map(attribute='name') | list }}"
     salt_key: "{{ vault_smtpgw_salt_key }}"
@@ -141,7 +140,6 @@ msg:
 
 import os
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -149,16 +147,11 @@ from typing import Any
 from ansible.errors import AnsibleError, AnsibleParserError, AnsibleUndefinedVariable
 from ansible.plugins.action import ActionBase
 
-try:
-    from smtpgw import tenants as smtpgw_tenants
-except ImportError:
-    # Running from a checkout without the package installed: use its src/ directory.
-    _SRC = Path(__file__).resolve().parents[2] / "src"
-    if (_SRC / "smtpgw" / "tenants.py").is_file():
-        sys.path.insert(0, str(_SRC))
-        from smtpgw import tenants as smtpgw_tenants
-    else:
-        smtpgw_tenants = None
+# The project's Python package, through this collection: plugins/module_utils/smtpgw is the
+# package src/smtpgw itself (a link in the checkout, kept as a link by ansible-galaxy).
+from ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw import (
+    tenants as smtpgw_tenants,
+)
 
 ARGUMENT_SPEC = {
     "path": {"type": "path", "required": True},

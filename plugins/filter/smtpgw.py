@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-try:
-    from smtpgw import postfix_maps as _maps
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-    from smtpgw import postfix_maps as _maps
-
 from ansible.errors import AnsibleFilterError
+
+# The project's Python package, through this collection (plugins/module_utils/smtpgw is src/smtpgw).
+from ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw import postfix_maps as _maps
 
 
 def smtpgw_postfix_maps(tenants, smarthosts, route="direct"):

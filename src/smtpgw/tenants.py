@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from smtpgw.passwords import dovecot_hash
+from .passwords import dovecot_hash
 
 __all__ = [
     "DEFAULT_RECIPIENTS_PER_MESSAGE",
