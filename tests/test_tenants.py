@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
+from smtpgw.password_cache import hash_passwords
 from smtpgw.passwords import dovecot_hash
-from smtpgw.tenants import (
+from smtpgw.tenant_files import check_dir, load_tenant_dir
+from smtpgw.tenant_schema import (
     Result,
     TenantError,
     Unresolved,
     VaultedValue,
-    check_dir,
-    load_tenant_dir,
     normalise_domain,
     validate_tenants,
 )
@@ -26,6 +26,11 @@ from smtpgw.tenants import (
 REPO = Path(__file__).resolve().parents[1]
 FILE = "inventories/lab/tenants/acme.yml"
 PASSWORD = "correct horse battery"
+# A hash in the shape doveadm pw -s SHA512-CRYPT writes (of "printer secret").
+GIVEN_HASH = (
+    "{SHA512-CRYPT}$6$PFpct6u4RthnqNl4$42d/YMOu3t/8LDpF"
+    "HQyvBi/TX0LQJCDcSgPruP.d0u7e2kZhJr0bJ0MDwkkhJ7531Zkxgk5rgZq6Wqspbuzz.1"
+)
 
 
 def tenant(**fields: Any) -> dict[str, Any]:
@@ -59,11 +64,14 @@ def assert_error(errors: list[str], file: str, field: str, *fragments: str) -> s
     raise AssertionError(f"no error for {prefix!r} with {fragments!r} in:\n" + "\n".join(errors))
 
 
-def only_tenant(data: object, file: str = FILE, **kwargs: Any) -> dict[str, Any]:
+def only_tenant(
+    data: object, file: str = FILE, salt_key: str = "smtpgw", **kwargs: Any
+) -> dict[str, Any]:
+    """Validate, then hash (the two steps the action plugin runs); return the one tenant."""
     result = validate_tenants({file: data}, **kwargs)
     assert result.errors == []
     assert len(result.tenants) == 1
-    return result.tenants[0]
+    return hash_passwords(result.tenants, salt_key)[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -77,7 +85,7 @@ def test_full_tenant_is_normalised():
         "domains": ["acme.test", "Mail.ACME.test.", "acme.test"],
         "users": [
             {"login": "Scanner@ACME.test", "password": PASSWORD},
-            {"login": "printer@mail.acme.test", "password_hash": "{SHA512-CRYPT}$6$abc$def"},
+            {"login": "printer@mail.acme.test", "password_hash": GIVEN_HASH},
         ],
         "networks": ["192.0.2.0/28", "2001:DB8:0:0::/48", "198.51.100.7", "192.0.2.0/28"],
         "limits": {"messages_per_day": 100, "recipients_per_message": 20},
@@ -91,7 +99,7 @@ def test_full_tenant_is_normalised():
                 "login": "scanner@acme.test",
                 "password_hash": dovecot_hash("scanner@acme.test", PASSWORD, "smtpgw"),
             },
-            {"login": "printer@mail.acme.test", "password_hash": "{SHA512-CRYPT}$6$abc$def"},
+            {"login": "printer@mail.acme.test", "password_hash": GIVEN_HASH},
         ],
         "networks": ["192.0.2.0/28", "2001:db8::/48", "198.51.100.7/32"],
         "limits": {"messages_per_day": 100, "recipients_per_message": 20},
@@ -462,13 +470,13 @@ def test_password_hash_without_separators():
 def test_unrendered_password_without_secret_resolution():
     user = {"login": "scanner@acme.test", "password": "{{ vault_acme_scanner }}"}
     data = tenant(users=[user, {"login": "vault@acme.test", "password": VaultedValue("$AN..")}])
-    result = only_tenant(data, resolve_secrets=False)
+    result = only_tenant(data, templated=False)
     assert result["users"] == [
         {"login": "scanner@acme.test", "password_hash": None},
         {"login": "vault@acme.test", "password_hash": None},
     ]
     literal = tenant(users=[{"login": "a@acme.test", "password": "x"}])
-    errors = errors_for(literal, resolve_secrets=False)
+    errors = errors_for(literal, templated=False)
     assert_error(errors, FILE, "users[0].password", "too short")
 
 
