@@ -731,6 +731,7 @@ def _run_playbook(workdir: Path, *extra: str) -> dict[str, Any]:
         ANSIBLE_RETRY_FILES_ENABLED="0",
         ANSIBLE_LOCALHOST_WARNING="0",
         ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
+        SMTPGW_PASSWORD_CACHE=str(workdir / "password-cache"),  # never the user's own cache
     )
     command = [playbook, "-i", "localhost,", "-c", "local", "playbook.yml"]
     command += ["-e", f"ansible_python_interpreter={sys.executable}", *extra]
@@ -814,3 +815,56 @@ def test_check_dir_leaves_jinja_networks_to_the_deploy_time_check(tmp_path):
     # With templates resolved (under Ansible), the same value is checked as a network.
     result = validate_tenants({"acme.yml": {"domains": ["acme.test"], "networks": ["{{ x }}"]}})
     assert "networks[0]" in result.errors[0]
+
+
+PLAYBOOK_CACHE_DIR = PLAYBOOK.replace(
+    "        smarthosts: [smart1]\n",
+    '        smarthosts: [smart1]\n        password_cache_dir: "{{ playbook_dir }}/cache"\n',
+)
+
+
+def test_action_plugin_limits_literal_fields_hashes_and_cache(tmp_path: Path):
+    (tmp_path / "playbook.yml").write_text(PLAYBOOK_CACHE_DIR)
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    given = dovecot_hash("printer@acme.test", "printer secret", "other")
+    write(
+        tenants,
+        "acme.yml",
+        """\
+        domains: [acme.test]
+        users:
+          - login: scanner@acme.test
+            password: "{{ acme_password }}"
+          - login: printer@acme.test
+            password_hash: "{{ acme_printer_hash }}"
+        """,
+    )
+    extra = ["-e", "acme_password=a-long-enough-secret"]
+    result = _run_playbook(tmp_path, *extra, "-e", f"acme_printer_hash={given}")
+    assert result.get("failed") is not True, result.get("msg")
+    assert result["tenants"][0]["users"] == [
+        {
+            "login": "scanner@acme.test",
+            "password_hash": dovecot_hash("scanner@acme.test", "a-long-enough-secret", "smtpgw"),
+        },
+        {"login": "printer@acme.test", "password_hash": given},
+    ]
+    cache = tmp_path / "cache" / "password-hashes.json"
+    assert oct(cache.stat().st_mode & 0o777) == "0o600"
+    assert "a-long-enough-secret" not in json.dumps(result)
+
+    # A weak hash from the vault, Jinja in a literal field, a link out of the directory and an
+    # oversized file: each refused with its file (and field).
+    write(tmp_path, "outside.yml", "domains: [outside.test]\n")
+    os.symlink(tmp_path / "outside.yml", tenants / "linked.yml")
+    write(tenants, "big.yml", "domains: [big.test]\n# " + "x" * (1024 * 1024) + "\n")
+    write(tenants, "beta.yml", 'domains: [beta.test]\nrelay: {via: "{{ route }}"}\n')
+    result = _run_playbook(tmp_path, *extra, "-e", "acme_printer_hash={PLAIN}x", "-e", "route=x")
+    assert "tenants" not in result
+    errors = result["msg"].splitlines()
+    assert len(errors) == 4, errors
+    assert errors[0].startswith("tenants/acme.yml: users[1].password_hash: the scheme {PLAIN}")
+    assert errors[1].startswith("tenants/beta.yml: relay.via: is a Jinja expression")
+    assert errors[2].startswith("tenants/big.yml: the file is 1,048,")
+    assert errors[3].startswith("tenants/linked.yml: is a symbolic link to")

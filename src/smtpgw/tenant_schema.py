@@ -1051,7 +1051,8 @@ def _total_budget(tenants: list[_Tenant], checks: dict[str, _FileCheck]) -> None
             before = totals[version]
             totals[version] += counts[version]
             limit, size = limits[version]
-            if before <= limit < totals[version]:
+            # A tenant over the budget on its own has been told so already.
+            if before <= limit < totals[version] and counts[version] <= limit:
                 checks[tenant.file].error(
                     "networks",
                     f"with this tenant, all tenants' networks together cover {totals[version]:,} "
