@@ -111,6 +111,8 @@ _EMBEDDED_IPV4 = (
 
 _EXAMPLE_TENANT = "name: acme, domains: [acme.test]"
 
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 class TenantError(Exception):
     """Tenant data is invalid; ``errors`` holds one message per problem."""
@@ -364,7 +366,8 @@ class _Tenant:
     data: dict[str, Any]
     domain_paths: dict[str, str]  # normalised domain -> field path
     login_paths: dict[str, str]  # normalised login -> field path
-    network_paths: dict[str, str]  # canonical network -> field path
+    networks: dict[str, tuple[_Network, str]]  # canonical network -> (network, field path)
+    address_counts: dict[int, int]  # IP version -> addresses covered
 
 
 def validate_tenants(
@@ -455,7 +458,7 @@ def _check_file(
         p.split("[")[0] == "domains" for p in check.quiet_paths
     )
     users, login_paths = _check_users(check, data.get("users"), domains if domains_known else None)
-    networks, network_paths = _check_networks(check, data.get("networks"))
+    networks, parsed, counts = _check_networks(check, data.get("networks"))
     tenant = {
         "name": name,
         "domains": domains,
@@ -466,7 +469,8 @@ def _check_file(
     }
     if name is None:
         return check, None, None
-    return check, _Tenant(file, name, tenant, domain_paths, login_paths, network_paths), None
+    found = _Tenant(file, name, tenant, domain_paths, login_paths, parsed, counts)
+    return check, found, None
 
 
 def _split_problem(problem: str) -> tuple[str, str]:
@@ -798,13 +802,17 @@ def _crypt_shape_problem(scheme: str, crypt: str) -> str | None:
     return None
 
 
-def _check_networks(check: _FileCheck, value: object) -> tuple[list[str], dict[str, str]]:
+def _check_networks(
+    check: _FileCheck, value: object
+) -> tuple[list[str], dict[str, tuple[_Network, str]], dict[int, int]]:
+    """The networks as written out, the parsed ones with their paths, and addresses covered."""
     if value is None:
-        return [], {}
+        return [], {}, {4: 0, 6: 0}
     items = _expect_list(check, "networks", value, "networks: [192.0.2.0/28]")
     if items is None:
-        return [], {}
-    paths: dict[str, str] = {}
+        return [], {}, {4: 0, 6: 0}
+    networks: list[str] = []
+    parsed: dict[str, tuple[_Network, str]] = {}
     for index, item in enumerate(items):
         path = join_path("networks", index)
         if not isinstance(item, str):
@@ -815,19 +823,19 @@ def _check_networks(check: _FileCheck, value: object) -> tuple[list[str], dict[s
         if not check.text(path, item):
             continue
         if not check.templated and is_template(item):
-            paths.setdefault(item, "")  # e.g. a host fact; Ansible renders it before the check
+            if item not in networks:  # e.g. a host fact; Ansible renders it before the check
+                networks.append(item)
             continue
         network = _parse_network(check, path, item.strip(" "))
-        if network is not None:
-            paths.setdefault(str(network), path)
-    networks = list(paths)
-    _check_budget(check, "networks", [ipaddress.ip_network(n) for n in networks if paths[n]])
-    return networks, {n: p for n, p in paths.items() if p}
+        if network is not None and str(network) not in parsed:
+            parsed[str(network)] = (network, path)
+            networks.append(str(network))
+    counts = _address_count([network for network, _ in parsed.values()])
+    _check_budget(check, "networks", counts)
+    return networks, parsed, counts
 
 
-def _parse_network(
-    check: _FileCheck, path: str, text: str
-) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+def _parse_network(check: _FileCheck, path: str, text: str) -> _Network | None:
     if "%" in text:
         address = text.split("%", 1)[0]
         check.error(
@@ -878,21 +886,20 @@ def _parse_network(
     return network
 
 
-def _address_count(networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> dict:
+def _address_count(networks: list[_Network]) -> dict[int, int]:
+    """Addresses covered per IP version, overlapping networks counted once."""
     counts = {4: 0, 6: 0}
     for version in (4, 6):
         same = [n for n in networks if n.version == version]
-        counts[version] = sum(n.num_addresses for n in ipaddress.collapse_addresses(same))
+        if len(same) > 1:
+            same = list(ipaddress.collapse_addresses(same))  # type: ignore[arg-type]
+        counts[version] = sum(n.num_addresses for n in same)
     return counts
 
 
 def _check_budget(
-    check: _FileCheck,
-    path: str,
-    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
-    scope: str = "this tenant's networks",
+    check: _FileCheck, path: str, counts: dict[int, int], scope: str = "this tenant's networks"
 ) -> None:
-    counts = _address_count(networks)
     for version, limit, size in ((4, MAX_IPV4_ADDRESSES, "/8"), (6, MAX_IPV6_ADDRESSES, "/32")):
         if counts[version] > limit:
             check.error(
@@ -1016,8 +1023,7 @@ def _network_overlaps(tenants: list[_Tenant], checks: dict[str, _FileCheck]) -> 
     rank = {t.file: i for i, t in enumerate(tenants)}
     spans = []
     for tenant in tenants:
-        for text, path in tenant.network_paths.items():
-            network = ipaddress.ip_network(text)
+        for network, path in tenant.networks.values():
             first, last = int(network.network_address), int(network.broadcast_address)
             spans.append((network.version, first, -last, rank[tenant.file], tenant, path, network))
     spans.sort(key=lambda s: s[:4])
@@ -1046,7 +1052,7 @@ def _total_budget(tenants: list[_Tenant], checks: dict[str, _FileCheck]) -> None
     totals = {4: 0, 6: 0}
     limits = {4: (MAX_IPV4_ADDRESSES, "/8"), 6: (MAX_IPV6_ADDRESSES, "/32")}
     for tenant in tenants:
-        counts = _address_count([ipaddress.ip_network(n) for n in tenant.network_paths])
+        counts = tenant.address_counts
         for version in (4, 6):
             before = totals[version]
             totals[version] += counts[version]
