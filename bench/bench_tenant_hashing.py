@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _benchlab as bl  # noqa: E402  (also puts this checkout's src/ first)
-
-from smtpgw import passwords  # noqa: E402
-from smtpgw.password_cache import PasswordCache, hash_passwords  # noqa: E402
-from smtpgw.tenant_files import load_tenant_dir  # noqa: E402
-from smtpgw.tenant_schema import validate_tenants  # noqa: E402
+import _benchlab as bl  # also puts this checkout's src/ first
+from smtpgw import passwords
+from smtpgw.password_cache import PasswordCache, hash_passwords
+from smtpgw.tenant_files import load_tenant_dir
+from smtpgw.tenant_schema import validate_tenants
 
 SALT_KEY = "bench"
 
@@ -64,7 +63,8 @@ def main() -> int:
             rows = [("first run, empty cache", one_run(directory, cache_dir))]
             reruns = [one_run(directory, cache_dir) for _ in range(args.repeat)]
             rows.append((f"rerun (median of {args.repeat})", _median(reruns)))
-            rows.append(("no cache", _median([one_run(directory, None) for _ in range(args.repeat)])))
+            uncached = [one_run(directory, None) for _ in range(args.repeat)]
+            rows.append(("no cache", _median(uncached)))
             for label, (seconds, made, writes) in rows:
                 print(f"{count:>8} {label:<22} {seconds:>9.3f} {made:>7} {writes:>7}")
     print("rerun: PYTHONPATH=src .venv/bin/python bench/bench_tenant_hashing.py")

@@ -860,11 +860,17 @@ def test_action_plugin_limits_literal_fields_hashes_and_cache(tmp_path: Path):
     os.symlink(tmp_path / "outside.yml", tenants / "linked.yml")
     write(tenants, "big.yml", "domains: [big.test]\n# " + "x" * (1024 * 1024) + "\n")
     write(tenants, "beta.yml", 'domains: [beta.test]\nrelay: {via: "{{ route }}"}\n')
+    laughs = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    laughs += [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 9)}]" for n in range(1, 10)]
+    write(tenants, "laughs.yml", "\n".join(laughs) + "\n")
+    write(tenants, "loop.yml", "domains: [loop.test]\nnetworks: &n [*n]\n")
     result = _run_playbook(tmp_path, *extra, "-e", "acme_printer_hash={PLAIN}x", "-e", "route=x")
     assert "tenants" not in result
     errors = result["msg"].splitlines()
-    assert len(errors) == 4, errors
+    assert len(errors) == 6, errors
     assert errors[0].startswith("tenants/acme.yml: users[1].password_hash: the scheme {PLAIN}")
     assert errors[1].startswith("tenants/beta.yml: relay.via: is a Jinja expression")
     assert errors[2].startswith("tenants/big.yml: the file is 1,048,")
-    assert errors[3].startswith("tenants/linked.yml: is a symbolic link to")
+    assert errors[3].startswith("tenants/laughs.yml: the file expands to more than 200,000")
+    assert errors[4].startswith("tenants/linked.yml: is a symbolic link to")
+    assert errors[5].startswith("tenants/loop.yml: the file refers to itself")
