@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from smtpgw.password_cache import hash_passwords
 from smtpgw.passwords import dovecot_hash
@@ -874,3 +876,24 @@ def test_action_plugin_limits_literal_fields_hashes_and_cache(tmp_path: Path):
     assert errors[3].startswith("tenants/laughs.yml: the file expands to more than 200,000")
     assert errors[4].startswith("tenants/linked.yml: is a symbolic link to")
     assert errors[5].startswith("tenants/loop.yml: the file refers to itself")
+
+
+def test_action_plugin_documentation_is_valid_yaml():
+    tree = ast.parse((REPO / "plugins" / "action" / "smtpgw_tenants.py").read_text())
+    docs = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id in ("DOCUMENTATION", "EXAMPLES", "RETURN")
+    }
+    assert sorted(docs) == ["DOCUMENTATION", "EXAMPLES", "RETURN"]
+    parsed = {name: yaml.safe_load(text) for name, text in docs.items()}
+    options = parsed["DOCUMENTATION"]["options"]
+    assert sorted(options) == [
+        "password_cache",
+        "password_cache_dir",
+        "path",
+        "salt_key",
+        "smarthosts",
+    ]

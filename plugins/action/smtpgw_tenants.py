@@ -14,12 +14,13 @@ description:
     skipped). Each file holds one tenant of the SMTP gateway.
   - A tenant file may be at most 1 MiB on disk, a regular file or a symbolic link to a file
     inside O(path), at most 50 levels deep and 200,000 values once YAML aliases are expanded,
-    without self-references; anything else is refused before it is parsed or templated.
+    without self-references. Size and links are checked before the file is parsed, depth and
+    aliases before anything in it is templated.
   - Files are loaded with Ansible's loader, so files encrypted with ansible-vault and inline
     C(!vault) values are decrypted. Then the values of C(users[].password),
     C(users[].password_hash) and C(networks[]) are templated with the task variables, so a
     C(password) of C("{{ vault_acme_scanner }}") resolves to the secret. Jinja anywhere else is
-    an error: those fields must be written literally.
+    an error (those fields must be written literally).
   - The data is then validated by C(smtpgw.tenant_schema) and returned normalised. Passwords
     are returned only as Dovecot C({SHA512-CRYPT}) hashes with a salt derived from the login and
     O(salt_key), so reruns give the same hash and the plaintext never appears in the result.
