@@ -341,7 +341,7 @@ class _FileCheck:
         if not may_be_templated(path):
             self.error(
                 path,
-                f"is a Jinja expression, but {_INDEX_RE.sub('', path)} must be written literally",
+                f"is a Jinja expression, but {_INDEX_RE.sub('[]', path)} must be written literally",
                 "write the value itself (Jinja is allowed only in "
                 + ", ".join(TEMPLATED_FIELDS)
                 + ")",
