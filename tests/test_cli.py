@@ -38,3 +38,42 @@ def test_unknown_smarthost_needs_the_list(tmp_path, capsys):
 def test_missing_directory(tmp_path, capsys):
     assert main(["tenants", "check", str(tmp_path / "nope")]) == 2
     assert "no such directory of tenant files" in capsys.readouterr().err
+
+
+def test_shipped_inventories_are_valid_with_their_own_smarthosts(capsys):
+    for inventory in ("inventories/lab", "inventories/example"):
+        assert main(["tenants", "check", str(ROOT / inventory)]) == 0
+        assert "2 tenant(s) ok" in capsys.readouterr().out
+
+
+def _inventory(tmp_path: Path, via: str) -> Path:
+    (tmp_path / "group_vars" / "relays").mkdir(parents=True)
+    (tmp_path / "group_vars" / "relays" / "main.yml").write_text(
+        "relay_smarthosts:\n  - name: m365\n    host: smtp.office365.com\n"
+    )
+    (tmp_path / "tenants").mkdir()
+    (tmp_path / "tenants" / "acme.yml").write_text(f"domains: [acme.test]\nrelay: {{via: {via}}}\n")
+    return tmp_path
+
+
+def test_inventory_check_reads_the_inventorys_smarthosts(tmp_path, capsys):
+    inventory = _inventory(tmp_path, "m356")
+    assert main(["tenants", "check", str(inventory)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"{inventory}/tenants/acme.yml: relay.via: unknown smart host 'm356'; did you mean 'm365'?"
+        in err
+    )
+
+
+def test_inventory_check_accepts_a_known_smarthost_and_extra_ones(tmp_path, capsys):
+    inventory = _inventory(tmp_path, "m365")
+    assert main(["tenants", "check", str(inventory)]) == 0
+    (inventory / "tenants" / "acme.yml").write_text("domains: [acme.test]\nrelay: {via: other}\n")
+    assert main(["tenants", "check", str(inventory), "--smarthost", "other"]) == 0
+
+
+def test_tenants_directory_alone_checks_via_only_with_smarthost(tmp_path, capsys):
+    inventory = _inventory(tmp_path, "m356")
+    assert main(["tenants", "check", str(inventory / "tenants")]) == 0
+    assert main(["tenants", "check", str(inventory / "tenants"), "--smarthost", "m365"]) == 1

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -10,15 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from smtpgw.password_cache import hash_passwords
 from smtpgw.passwords import dovecot_hash
-from smtpgw.tenants import (
+from smtpgw.tenant_files import check_dir, load_tenant_dir
+from smtpgw.tenant_schema import (
     Result,
     TenantError,
     Unresolved,
     VaultedValue,
-    check_dir,
-    load_tenant_dir,
     normalise_domain,
     validate_tenants,
 )
@@ -26,6 +28,11 @@ from smtpgw.tenants import (
 REPO = Path(__file__).resolve().parents[1]
 FILE = "inventories/lab/tenants/acme.yml"
 PASSWORD = "correct horse battery"
+# A hash in the shape doveadm pw -s SHA512-CRYPT writes (of "printer secret").
+GIVEN_HASH = (
+    "{SHA512-CRYPT}$6$PFpct6u4RthnqNl4$42d/YMOu3t/8LDpF"
+    "HQyvBi/TX0LQJCDcSgPruP.d0u7e2kZhJr0bJ0MDwkkhJ7531Zkxgk5rgZq6Wqspbuzz.1"
+)
 
 
 def tenant(**fields: Any) -> dict[str, Any]:
@@ -59,11 +66,14 @@ def assert_error(errors: list[str], file: str, field: str, *fragments: str) -> s
     raise AssertionError(f"no error for {prefix!r} with {fragments!r} in:\n" + "\n".join(errors))
 
 
-def only_tenant(data: object, file: str = FILE, **kwargs: Any) -> dict[str, Any]:
+def only_tenant(
+    data: object, file: str = FILE, salt_key: str = "smtpgw", **kwargs: Any
+) -> dict[str, Any]:
+    """Validate, then hash (the two steps the action plugin runs); return the one tenant."""
     result = validate_tenants({file: data}, **kwargs)
     assert result.errors == []
     assert len(result.tenants) == 1
-    return result.tenants[0]
+    return hash_passwords(result.tenants, salt_key)[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -77,7 +87,7 @@ def test_full_tenant_is_normalised():
         "domains": ["acme.test", "Mail.ACME.test.", "acme.test"],
         "users": [
             {"login": "Scanner@ACME.test", "password": PASSWORD},
-            {"login": "printer@mail.acme.test", "password_hash": "{SHA512-CRYPT}$6$abc$def"},
+            {"login": "printer@mail.acme.test", "password_hash": GIVEN_HASH},
         ],
         "networks": ["192.0.2.0/28", "2001:DB8:0:0::/48", "198.51.100.7", "192.0.2.0/28"],
         "limits": {"messages_per_day": 100, "recipients_per_message": 20},
@@ -91,7 +101,7 @@ def test_full_tenant_is_normalised():
                 "login": "scanner@acme.test",
                 "password_hash": dovecot_hash("scanner@acme.test", PASSWORD, "smtpgw"),
             },
-            {"login": "printer@mail.acme.test", "password_hash": "{SHA512-CRYPT}$6$abc$def"},
+            {"login": "printer@mail.acme.test", "password_hash": GIVEN_HASH},
         ],
         "networks": ["192.0.2.0/28", "2001:db8::/48", "198.51.100.7/32"],
         "limits": {"messages_per_day": 100, "recipients_per_message": 20},
@@ -462,13 +472,13 @@ def test_password_hash_without_separators():
 def test_unrendered_password_without_secret_resolution():
     user = {"login": "scanner@acme.test", "password": "{{ vault_acme_scanner }}"}
     data = tenant(users=[user, {"login": "vault@acme.test", "password": VaultedValue("$AN..")}])
-    result = only_tenant(data, resolve_secrets=False)
+    result = only_tenant(data, templated=False)
     assert result["users"] == [
         {"login": "scanner@acme.test", "password_hash": None},
         {"login": "vault@acme.test", "password_hash": None},
     ]
     literal = tenant(users=[{"login": "a@acme.test", "password": "x"}])
-    errors = errors_for(literal, resolve_secrets=False)
+    errors = errors_for(literal, templated=False)
     assert_error(errors, FILE, "users[0].password", "too short")
 
 
@@ -728,6 +738,7 @@ def _run_playbook(workdir: Path, *extra: str) -> dict[str, Any]:
         ANSIBLE_RETRY_FILES_ENABLED="0",
         ANSIBLE_LOCALHOST_WARNING="0",
         ANSIBLE_INVENTORY_UNPARSED_WARNING="0",
+        SMTPGW_PASSWORD_CACHE=str(workdir / "password-cache"),  # never the user's own cache
     )
     command = [playbook, "-i", "localhost,", "-c", "local", "playbook.yml"]
     command += ["-e", f"ansible_python_interpreter={sys.executable}", *extra]
@@ -811,3 +822,83 @@ def test_check_dir_leaves_jinja_networks_to_the_deploy_time_check(tmp_path):
     # With templates resolved (under Ansible), the same value is checked as a network.
     result = validate_tenants({"acme.yml": {"domains": ["acme.test"], "networks": ["{{ x }}"]}})
     assert "networks[0]" in result.errors[0]
+
+
+PLAYBOOK_CACHE_DIR = PLAYBOOK.replace(
+    "        smarthosts: [smart1]\n",
+    '        smarthosts: [smart1]\n        password_cache_dir: "{{ playbook_dir }}/cache"\n',
+)
+
+
+def test_action_plugin_limits_literal_fields_hashes_and_cache(tmp_path: Path):
+    (tmp_path / "playbook.yml").write_text(PLAYBOOK_CACHE_DIR)
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    given = dovecot_hash("printer@acme.test", "printer secret", "other")
+    write(
+        tenants,
+        "acme.yml",
+        """\
+        domains: [acme.test]
+        users:
+          - login: scanner@acme.test
+            password: "{{ acme_password }}"
+          - login: printer@acme.test
+            password_hash: "{{ acme_printer_hash }}"
+        """,
+    )
+    extra = ["-e", "acme_password=a-long-enough-secret"]
+    result = _run_playbook(tmp_path, *extra, "-e", f"acme_printer_hash={given}")
+    assert result.get("failed") is not True, result.get("msg")
+    assert result["tenants"][0]["users"] == [
+        {
+            "login": "scanner@acme.test",
+            "password_hash": dovecot_hash("scanner@acme.test", "a-long-enough-secret", "smtpgw"),
+        },
+        {"login": "printer@acme.test", "password_hash": given},
+    ]
+    cache = tmp_path / "cache" / "password-hashes.json"
+    assert oct(cache.stat().st_mode & 0o777) == "0o600"
+    assert "a-long-enough-secret" not in json.dumps(result)
+
+    # A weak hash from the vault, Jinja in a literal field, a link out of the directory and an
+    # oversized file: each refused with its file (and field).
+    write(tmp_path, "outside.yml", "domains: [outside.test]\n")
+    os.symlink(tmp_path / "outside.yml", tenants / "linked.yml")
+    write(tenants, "big.yml", "domains: [big.test]\n# " + "x" * (1024 * 1024) + "\n")
+    write(tenants, "beta.yml", 'domains: [beta.test]\nrelay: {via: "{{ route }}"}\n')
+    laughs = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    laughs += [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 9)}]" for n in range(1, 10)]
+    write(tenants, "laughs.yml", "\n".join(laughs) + "\n")
+    write(tenants, "loop.yml", "domains: [loop.test]\nnetworks: &n [*n]\n")
+    result = _run_playbook(tmp_path, *extra, "-e", "acme_printer_hash={PLAIN}x", "-e", "route=x")
+    assert "tenants" not in result
+    errors = result["msg"].splitlines()
+    assert len(errors) == 6, errors
+    assert errors[0].startswith("tenants/acme.yml: users[1].password_hash: the scheme {PLAIN}")
+    assert errors[1].startswith("tenants/beta.yml: relay.via: is a Jinja expression")
+    assert errors[2].startswith("tenants/big.yml: the file is 1,048,")
+    assert errors[3].startswith("tenants/laughs.yml: the file expands to more than 200,000")
+    assert errors[4].startswith("tenants/linked.yml: is a symbolic link to")
+    assert errors[5].startswith("tenants/loop.yml: the file refers to itself")
+
+
+def test_action_plugin_documentation_is_valid_yaml():
+    tree = ast.parse((REPO / "plugins" / "action" / "smtpgw_tenants.py").read_text())
+    docs = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id in ("DOCUMENTATION", "EXAMPLES", "RETURN")
+    }
+    assert sorted(docs) == ["DOCUMENTATION", "EXAMPLES", "RETURN"]
+    parsed = {name: yaml.safe_load(text) for name, text in docs.items()}
+    options = parsed["DOCUMENTATION"]["options"]
+    assert sorted(options) == [
+        "password_cache",
+        "password_cache_dir",
+        "path",
+        "salt_key",
+        "smarthosts",
+    ]

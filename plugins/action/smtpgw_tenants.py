@@ -12,12 +12,24 @@ short_description: Load and validate smtpgw tenant files
 description:
   - Reads every C(*.yml) and C(*.yaml) file in O(path) (sorted by name; hidden files are
     skipped). Each file holds one tenant of the SMTP gateway.
+  - A tenant file may be at most 1 MiB on disk, a regular file or a symbolic link to a file
+    inside O(path), at most 50 levels deep and 200,000 values once YAML aliases are expanded,
+    without self-references. Size and links are checked before the file is parsed, depth and
+    aliases before anything in it is templated.
   - Files are loaded with Ansible's loader, so files encrypted with ansible-vault and inline
-    C(!vault) values are decrypted, then every value is templated with the task variables, so
-    a C(password) of C("{{ vault_acme_scanner }}") resolves to the secret.
-  - The data is then validated by C(smtpgw.tenants) and returned normalised. Passwords are
-    returned only as Dovecot C({SHA512-CRYPT}) hashes with a salt derived from the login and
+    C(!vault) values are decrypted. Then the values of C(users[].password),
+    C(users[].password_hash) and C(networks[]) are templated with the task variables, so a
+    C(password) of C("{{ vault_acme_scanner }}") resolves to the secret. Jinja anywhere else is
+    an error (those fields must be written literally).
+  - The data is then validated by C(smtpgw.tenant_schema) and returned normalised. Passwords
+    are returned only as Dovecot C({SHA512-CRYPT}) hashes with a salt derived from the login and
     O(salt_key), so reruns give the same hash and the plaintext never appears in the result.
+  - A C(password_hash) given in a file must be C({SHA512-CRYPT}), C({SHA256-CRYPT}) or
+    C({BLF-CRYPT}) in the exact shape C(doveadm pw) writes (salt of 8-16 characters, rounds
+    5000-1000000; bcrypt cost 05-16); C({PLAIN}), C({MD5}), C({CRYPT}), C({SHA}) and other
+    schemes are refused.
+  - Hashing costs a few milliseconds per user, so hashes are kept in a cache on the
+    controller (see O(password_cache)) and a rerun hashes only new or changed passwords.
   - Every problem in every file is reported at once, one per line, each naming the file, the
     field, what is wrong and what to do. On any problem the task fails and returns no tenants.
   - Runs on the controller only; it never connects to the target host.
@@ -44,11 +56,28 @@ options:
       - Changing it changes every hash (and so rewrites the Dovecot password file once).
     type: str
     default: smtpgw
+  password_cache:
+    description:
+      - Keep a cache of the hashes on the controller, so unchanged passwords are not hashed
+        again on every run.
+      - The cache maps an HMAC-SHA256 (under a random key kept beside it) of the login,
+        password, O(salt_key) and scheme to the hash; only entries in use are kept, and the file
+        is rewritten only when they change. Files are mode 0600 in a directory of mode 0700.
+        It holds nothing the controller user (who has the vault password) cannot make, and
+        nothing more than the relays' Dovecot password files.
+    type: bool
+    default: true
+  password_cache_dir:
+    description:
+      - Directory of the cache. Default C($SMTPGW_PASSWORD_CACHE) if set (C(off) there turns
+        the cache off), else C($XDG_CACHE_HOME/smtpgw), else C(~/.cache/smtpgw).
+    type: path
 notes:
   - Uses the collection's own copy of the C(smtpgw) Python package
     (C(plugins/module_utils/smtpgw)); nothing needs to be installed with pip.
   - Supports check mode; it never changes anything.
-  - The tenant file format is described in the docstring of the C(smtpgw.tenants) module.
+  - The tenant file format is described in the README (Tenants) and in the docstring of the
+    C(smtpgw.tenant_schema) module.
 """
 
 EXAMPLES = r"""
@@ -150,13 +179,17 @@ from ansible.plugins.action import ActionBase
 # The project's Python package, through this collection: plugins/module_utils/smtpgw is the
 # package src/smtpgw itself (a link in the checkout, kept as a link by ansible-galaxy).
 from ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw import (
-    tenants as smtpgw_tenants,
+    password_cache,
+    tenant_files,
+    tenant_schema,
 )
 
 ARGUMENT_SPEC = {
     "path": {"type": "path", "required": True},
     "smarthosts": {"type": "list", "elements": "str", "default": []},
     "salt_key": {"type": "str", "default": "smtpgw"},
+    "password_cache": {"type": "bool", "default": True},
+    "password_cache_dir": {"type": "path", "default": None},
 }
 
 _UNDEFINED_RE = re.compile(r"^'([^']+)' is undefined")
@@ -173,15 +206,6 @@ class ActionModule(ActionBase):
         del tmp  # unused since Ansible 2.5
         result["changed"] = False
 
-        if smtpgw_tenants is None:
-            result.update(
-                failed=True,
-                msg="smtpgw_tenants: the smtpgw Python package is not importable on the "
-                "controller; install it (pip install -e . in the smtpgw checkout) or set "
-                "PYTHONPATH to its src directory",
-            )
-            return result
-
         _, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
         shown_dir = args["path"]
         directory = Path(self._loader.path_dwim(shown_dir))
@@ -195,45 +219,73 @@ class ActionModule(ActionBase):
 
         templar = self._templar.copy_with_new_env(available_variables=task_vars)
         raw: dict[str, object] = {}
-        for file in smtpgw_tenants.list_tenant_files(directory):
+        for file in tenant_files.list_tenant_files(directory):
             shown = os.path.join(shown_dir, file.name)
-            raw[shown] = self._load(file, templar)
+            raw[shown] = self._load(file, directory, templar)
 
-        outcome = smtpgw_tenants.validate_tenants(
-            raw, smarthosts=args["smarthosts"], salt_key=args["salt_key"]
-        )
+        outcome = tenant_schema.validate_tenants(raw, smarthosts=args["smarthosts"])
         if outcome.errors:
             result.update(failed=True, msg="\n".join(outcome.errors))
             return result
+        tenants = password_cache.hash_passwords(
+            outcome.tenants, args["salt_key"], cache=_cache(args)
+        )
         result.update(
-            tenants=outcome.tenants,
+            tenants=tenants,
             removed=outcome.removed,
             msg=f"{len(outcome.tenants)} tenant(s), {len(outcome.removed)} removed",
         )
         return result
 
-    def _load(self, file: Path, templar: Any) -> object:
-        """Parse (and decrypt) one file, then template every value in it."""
+    def _load(self, file: Path, directory: Path, templar: Any) -> object:
+        """Check the file's limits, parse (and decrypt) it, then template the fields that may."""
+        problem = tenant_files.file_problem(file, directory)
+        if problem:
+            return tenant_schema.Unresolved(problem)
         try:
             data = self._loader.load_from_file(str(file), cache="none", trusted_as_template=True)
         except AnsibleParserError as exc:
-            return smtpgw_tenants.Unresolved(_parse_problem(exc))
+            return tenant_schema.Unresolved(_parse_problem(exc))
         except AnsibleError as exc:
-            return smtpgw_tenants.Unresolved(_problem(exc, "cannot read the file"))
-        return _render(templar, data)
+            return tenant_schema.Unresolved(_problem(exc, "cannot read the file"))
+        except RecursionError:
+            return tenant_schema.Unresolved(tenant_files.TOO_DEEP)
+        problem = tenant_files.structure_problem(data)
+        if problem:
+            return tenant_schema.Unresolved(problem)
+        return _render(templar, data, "")
 
 
-def _render(templar: Any, value: object, key: object = None) -> object:
-    """Template each leaf on its own, so a failure is reported at its own field."""
+def _cache(args: dict[str, Any]) -> Any:
+    """The password cache the options ask for, or None."""
+    if not args["password_cache"]:
+        return None
+    directory = args["password_cache_dir"] or password_cache.default_cache_dir()
+    return None if directory is None else password_cache.PasswordCache(Path(directory))
+
+
+def _render(templar: Any, value: object, path: str) -> object:
+    """Template each leaf that may hold Jinja on its own, so a failure is reported at its field.
+
+    Other leaves are left as written: validation refuses Jinja there.
+    """
     if isinstance(value, Mapping):
-        return {name: _render(templar, item, name) for name, item in value.items()}
+        return {
+            name: _render(templar, item, tenant_schema.join_path(path, str(name)))
+            for name, item in value.items()
+        }
     if isinstance(value, list):
-        return [_render(templar, item, key) for item in value]
+        return [
+            _render(templar, item, tenant_schema.join_path(path, index))
+            for index, item in enumerate(value)
+        ]
+    if not tenant_schema.may_be_templated(path):
+        return value
     try:
         return templar.template(value)
     except AnsibleError as exc:
-        secret = key in ("password", "password_hash")
-        return smtpgw_tenants.Unresolved(_problem(exc, "cannot template the value", secret))
+        secret = path.endswith(("password", "password_hash"))
+        return tenant_schema.Unresolved(_problem(exc, "cannot template the value", secret))
 
 
 def _one_line(text: str) -> str:

@@ -40,15 +40,18 @@ def cmd_lab_status(args: argparse.Namespace) -> int:
 
 
 def cmd_tenants_check(args: argparse.Namespace) -> int:
-    from smtpgw import tenants
+    from smtpgw import tenant_files
 
     path = Path(args.path)
-    if (path / "tenants").is_dir():  # an inventory: its tenants/ directory
+    extra = args.smarthost or []
+    if (path / "tenants").is_dir():  # an inventory: its tenants/ and its own smart hosts
+        result = tenant_files.check_inventory(path, smarthosts=extra)
         path = path / "tenants"
-    if not path.is_dir():
+    elif path.is_dir():  # a tenants directory: smart hosts only from --smarthost
+        result = tenant_files.check_dir(path, smarthosts=extra or None)
+    else:
         print(f"smtpgw: {path}: no such directory of tenant files", file=sys.stderr)
         return 2
-    result = tenants.check_dir(path, smarthosts=args.smarthost or None)
     for note in result.notes:
         print(note, file=sys.stderr)
     for error in result.errors:
@@ -134,7 +137,10 @@ def parser() -> argparse.ArgumentParser:
         "path", nargs="?", default="inventories/lab", help="an inventory or its tenants/ directory"
     )
     p_check.add_argument(
-        "--smarthost", action="append", help="a smart-host name tenants may route via (repeat)"
+        "--smarthost",
+        action="append",
+        help="a smart-host name tenants may route via (repeat); an inventory's own "
+        "relay_smarthosts (group_vars/, host_vars/) are read too",
     )
     p_check.set_defaults(func=cmd_tenants_check)
     return p

@@ -1,4 +1,4 @@
-"""The tenant model: load tenant files, validate them, and normalise them.
+"""The tenant schema: pure checks and normalisation of parsed tenant data (no I/O, no hashing).
 
 A tenant file (``inventories/NAME/tenants/<name>.yml``) holds one YAML mapping::
 
@@ -12,10 +12,13 @@ A tenant file (``inventories/NAME/tenants/<name>.yml``) holds one YAML mapping::
     limits: {messages_per_day: 100, recipients_per_message: 50}
     relay: {via: direct}        # or a smart host's name; default: the relay's route
 
-:func:`validate_tenants` is pure: it takes already parsed (and, under Ansible, already
-templated) data keyed by the file name to show in messages, and returns a :class:`Result`.
+Jinja is allowed only in the fields of :data:`TEMPLATED_FIELDS` (secrets and networks); every
+other value must be written literally. :func:`validate_tenants` takes data keyed by the file
+name to show in messages, either as written (``templated=False``: Jinja is only parsed, not
+rendered) or after Ansible templated it (``templated=True``), and returns a :class:`Result`.
+Users keep their password in a :class:`Password` (hidden from ``repr``, not serialisable);
+:func:`smtpgw.password_cache.hash_passwords` turns it into ``password_hash``.
 Every message reads ``<file>: <field path>: <what is wrong>; <what to do>``.
-:func:`check_dir` loads a directory with plain YAML for the ``smtpgw tenants check`` command.
 """
 
 from __future__ import annotations
@@ -24,47 +27,91 @@ import difflib
 import encodings.idna
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .passwords import dovecot_hash
-
 __all__ = [
     "DEFAULT_RECIPIENTS_PER_MESSAGE",
+    "HASH_SCHEMES",
+    "LIMIT_MAXIMUMS",
+    "MAX_IPV4_ADDRESSES",
+    "MAX_IPV6_ADDRESSES",
+    "TEMPLATED_FIELDS",
+    "Password",
     "Result",
     "TenantError",
     "Unresolved",
     "VaultedValue",
-    "check_dir",
-    "is_secret_reference",
+    "drop_passwords",
+    "is_template",
     "join_path",
-    "list_tenant_files",
-    "load_tenant_dir",
+    "may_be_templated",
     "normalise_domain",
     "validate_tenants",
 ]
 
 DEFAULT_RECIPIENTS_PER_MESSAGE = 50
 MIN_PASSWORD_LENGTH = 12
-TENANT_SUFFIXES = (".yml", ".yaml")
 
 TENANT_FIELDS = ("name", "state", "domains", "users", "networks", "limits", "relay")
 USER_FIELDS = ("login", "password", "password_hash")
 LIMIT_FIELDS = ("messages_per_day", "recipients_per_message")
 RELAY_FIELDS = ("via",)
+# Postfix's own smtpd_recipient_limit default is 1000; ten million a day is ~115 a second.
+LIMIT_MAXIMUMS = {"messages_per_day": 10_000_000, "recipients_per_message": 1000}
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_LABEL_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_LOCAL_PART_RE = re.compile(r"^[A-Za-z0-9._%+-]{1,64}$")
-_SCHEME_RE = re.compile(r"^\{[A-Za-z0-9._-]+\}")
+#: The only fields whose values may be Jinja expressions (``[]`` stands for any list index).
+TEMPLATED_FIELDS = ("users[].password", "users[].password_hash", "networks[]")
+
+#: Dovecot schemes accepted in ``password_hash`` (all verified by Dovecot 2.3 through crypt(3)).
+HASH_SCHEMES = ("SHA512-CRYPT", "SHA256-CRYPT", "BLF-CRYPT")
+
+# Address budget of one tenant, and of all tenants together: one IPv4 /8, one IPv6 /32.
+MAX_IPV4_ADDRESSES = 2**24
+MAX_IPV6_ADDRESSES = 2**96
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_LABEL_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_LOCAL_PART_RE = re.compile(r"[A-Za-z0-9._%+-]{1,64}")
+_SCHEME_RE = re.compile(r"\{([A-Za-z0-9._-]+)\}")
+_INDEX_RE = re.compile(r"\[\d+\]")
+_TEMPLATE_MARKERS = ("{{", "{%", "{#")
 _MIN_PREFIX = {4: 8, 6: 32}
 
+# Crypt strings in the exact shape glibc/libxcrypt write them. SHA-crypt: 8-16 salt characters
+# (doveadm and mkpasswd write 16), rounds 5000 (the default, left out) to 1,000,000 (above that
+# one login costs the relay seconds); the last character of the digest carries only 2 (SHA-512)
+# or 4 (SHA-256) bits. bcrypt: cost 05 (doveadm's default) to 16, 22 salt + 31 hash characters.
+_C64 = r"[./0-9A-Za-z]"
+_SHA_CRYPT_RE = {
+    "SHA512-CRYPT": re.compile(
+        rf"\$6\$(?:rounds=(\d{{1,10}})\$)?({_C64}{{8,16}})\${_C64}{{85}}[./01]"
+    ),
+    "SHA256-CRYPT": re.compile(
+        rf"\$5\$(?:rounds=(\d{{1,10}})\$)?({_C64}{{8,16}})\${_C64}{{42}}[./0-9A-D]"
+    ),
+}
+_BCRYPT_RE = re.compile(rf"\$2[by]\$(\d\d)\${_C64}{{53}}")
+_SHA_ROUNDS = (5000, 1_000_000)
+_BCRYPT_COST = (5, 16)
+_HASH_FIX = "generate one with: doveadm pw -s SHA512-CRYPT, and copy it whole"
+
+# IPv6 ranges that carry IPv4 addresses: a client there is an IPv4 client in disguise.
+_EMBEDDED_IPV4 = (
+    (ipaddress.IPv6Network("::ffff:0:0/96"), "IPv4-mapped", True),
+    (ipaddress.IPv6Network("::/96"), "IPv4-compatible", True),
+    (ipaddress.IPv6Network("64:ff9b::/96"), "NAT64", True),
+    (ipaddress.IPv6Network("64:ff9b:1::/48"), "local-use NAT64", False),
+    (ipaddress.IPv6Network("2002::/16"), "6to4", False),
+    (ipaddress.IPv6Network("2001::/32"), "Teredo", False),
+)
+
 _EXAMPLE_TENANT = "name: acme, domains: [acme.test]"
-_VAULT_FIX = "define it (for example in group_vars/all/vault.yml with ansible-vault)"
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class TenantError(Exception):
@@ -93,13 +140,41 @@ class VaultedValue:
     ciphertext: str
 
 
+class Password:
+    """A plaintext password between validation and hashing.
+
+    Its ``repr`` and ``str`` hide the value and it is not a ``str``, so it cannot end up in a
+    message, a log or a task result by accident (JSON encoders refuse it).
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Password(<hidden>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Password) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
 @dataclass
 class Result:
     """Outcome of a validation: normalised tenants, removed names, and errors.
 
     Nothing partial: when ``errors`` is not empty, ``tenants`` and ``removed`` are empty.
-    ``notes`` are things that were not checked (for example vault-encrypted files
-    read without Ansible); they are not errors.
+    Each user is ``{login, password_hash, password}``: ``password`` is a :class:`Password` to
+    hash (then ``password_hash`` is ``None``) or ``None`` (a given hash, or a secret left for
+    Ansible to resolve). ``notes`` are things that were not checked; they are not errors.
     """
 
     tenants: list[dict[str, Any]] = field(default_factory=list)
@@ -128,22 +203,42 @@ def join_path(parent: str, key: str | int) -> str:
     return f"{parent}.{key}" if parent else str(key)
 
 
-def is_secret_reference(value: object) -> bool:
-    """True for a value that names a secret instead of holding it (Jinja or ``!vault``)."""
-    if isinstance(value, VaultedValue):
-        return True
-    return isinstance(value, str) and ("{{" in value or "{%" in value)
+def is_template(value: object) -> bool:
+    """True for a string holding Jinja (``{{``, ``{%`` or ``{#``)."""
+    return isinstance(value, str) and any(marker in value for marker in _TEMPLATE_MARKERS)
+
+
+def may_be_templated(path: str) -> bool:
+    """True when the value at field ``path`` (e.g. ``users[3].password``) may hold Jinja."""
+    return _INDEX_RE.sub("[]", path) in TEMPLATED_FIELDS
+
+
+def drop_passwords(tenants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tenants with each user reduced to ``{login, password_hash}`` (no hashing done)."""
+    return [
+        {
+            **tenant,
+            "users": [
+                {"login": u["login"], "password_hash": u["password_hash"]} for u in tenant["users"]
+            ],
+        }
+        for tenant in tenants
+    ]
 
 
 def normalise_domain(value: str) -> str:
     """Return the lowercase ASCII (IDNA) form of a DNS name, without a trailing dot.
 
-    Raises ``ValueError`` with a ``<what is wrong>; <what to do>`` message.
+    Surrounding spaces are ignored; control characters are not. Raises ``ValueError`` with a
+    ``<what is wrong>; <what to do>`` message.
     """
-    name = value.strip()
+    fix = "write a domain name such as acme.test"
+    control = _control_character(value)
+    if control:
+        raise ValueError(f"contains the control character {control}; {fix}")
+    name = value.strip(" ")
     if name.endswith("."):
         name = name[:-1]
-    fix = "write a domain name such as acme.test"
     if not name:
         raise ValueError(f"domain name is empty; {fix}")
     labels = name.lower().split(".")
@@ -158,7 +253,7 @@ def normalise_domain(value: str) -> str:
             raise ValueError(
                 f"'{value}' has a label longer than 63 characters; shorten '{label[:20]}...'"
             )
-        if not _LABEL_RE.match(ascii_label):
+        if not _LABEL_RE.fullmatch(ascii_label):
             raise ValueError(
                 f"'{value}' has an invalid label '{label}'; use letters, digits and '-' "
                 "(not at the start or end of a label)"
@@ -182,6 +277,31 @@ def _to_ascii(value: str, label: str) -> str:
         ) from None
 
 
+def _control_character(value: str) -> str | None:
+    """``U+000A``-style name of the first control character (C0, DEL, C1) in ``value``."""
+    for char in value:
+        if unicodedata.category(char) == "Cc":
+            return f"U+{ord(char):04X}"
+    return None
+
+
+def _jinja_problem(text: str) -> str | None:
+    """Jinja's syntax error for ``text`` (parsed, never rendered), or ``None`` if it parses."""
+    try:
+        import jinja2
+    except ImportError:  # pragma: no cover - jinja2 comes with Ansible and with smtpgw
+        return None
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        return _one_line(exc.message or "syntax error")
+    return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()).rstrip(".")
+
+
 # --------------------------------------------------------------------------------------
 # Validation
 
@@ -189,20 +309,54 @@ def _to_ascii(value: str, label: str) -> str:
 class _FileCheck:
     """Collects the messages for one tenant file."""
 
-    def __init__(
-        self, file: str, quiet_paths: Collection[str] = (), templates_resolved: bool = True
-    ) -> None:
+    def __init__(self, file: str, quiet_paths: Collection[str] = (), templated: bool = True):
         self.file = file
         self.quiet_paths = set(quiet_paths)
         self.errors: list[str] = []
-        # False without Ansible: a Jinja expression is left for the deploy-time check.
-        self.templates_resolved = templates_resolved
+        # False without Ansible: a Jinja expression is parsed and left for the deploy-time check.
+        self.templated = templated
 
     def error(self, path: str, what: str, fix: str) -> None:
         if path in self.quiet_paths:
             return
         where = f"{self.file}: {path}" if path else self.file
         self.errors.append(f"{where}: {what}; {fix}")
+
+    def text(self, path: str, value: str, secret: bool = False) -> bool:
+        """Check a string for control characters and misplaced or broken Jinja; True if fine.
+
+        The value itself is never shown for a secret.
+        """
+        control = _control_character(value)
+        if control:
+            where = "" if secret else f" (in {_show(value)})"
+            self.error(
+                path,
+                f"contains the control character {control}{where}",
+                "remove it (a line break, tab or NUL has no place in this field)",
+            )
+            return False
+        if not is_template(value):
+            return True
+        if not may_be_templated(path):
+            self.error(
+                path,
+                f"is a Jinja expression, but {_INDEX_RE.sub('[]', path)} must be written literally",
+                "write the value itself (Jinja is allowed only in "
+                + ", ".join(TEMPLATED_FIELDS)
+                + ")",
+            )
+            return False
+        if not self.templated:
+            problem = _jinja_problem(value)
+            if problem:
+                self.error(
+                    path,
+                    f"is not a valid Jinja expression ({problem})",
+                    'fix it, e.g. "{{ vault_acme_scanner }}" with both braces closed',
+                )
+                return False
+        return True
 
 
 @dataclass
@@ -212,30 +366,30 @@ class _Tenant:
     data: dict[str, Any]
     domain_paths: dict[str, str]  # normalised domain -> field path
     login_paths: dict[str, str]  # normalised login -> field path
+    networks: dict[str, tuple[_Network, str]]  # canonical network -> (network, field path)
+    address_counts: dict[int, int]  # IP version -> addresses covered
 
 
 def validate_tenants(
     raw: Mapping[str, object],
     smarthosts: Collection[str] | None = None,
-    salt_key: str = "smtpgw",
-    resolve_secrets: bool = True,
+    templated: bool = True,
 ) -> Result:
     """Validate and normalise tenant data.
 
     ``raw`` maps the file name to show in messages to the parsed content of that file
     (or an :class:`Unresolved` when it could not be read). ``smarthosts`` lists the known
-    smart hosts for ``relay.via``; ``None`` skips that check. With ``resolve_secrets``
-    false, a password that is a Jinja expression or ``!vault`` value is accepted without
-    being hashed (``password_hash: None``), for checks run without Ansible.
+    smart hosts for ``relay.via``; ``None`` skips that check. ``templated`` says whether the
+    values went through Ansible's templating: when false (checks without Ansible), a Jinja
+    expression in a field that may hold one, or a ``!vault`` value, is parsed but left
+    unchecked (``password_hash: None`` and no password for such a user).
     """
     errors: list[str] = []
     present: list[_Tenant] = []
     removed: list[tuple[str, str]] = []  # (name, file)
     seen_names: dict[str, str] = {}
     for file in sorted(raw):
-        check, tenant, absent_name = _check_file(
-            file, raw[file], smarthosts, salt_key, resolve_secrets
-        )
+        check, tenant, absent_name = _check_file(file, raw[file], smarthosts, templated)
         name = tenant.name if tenant else absent_name
         if name is not None:
             if name in seen_names:
@@ -262,11 +416,7 @@ def validate_tenants(
 
 
 def _check_file(
-    file: str,
-    data: object,
-    smarthosts: Collection[str] | None,
-    salt_key: str,
-    resolve_secrets: bool,
+    file: str, data: object, smarthosts: Collection[str] | None, templated: bool
 ) -> tuple[_FileCheck, _Tenant | None, str | None]:
     """Check one file; returns the messages, the present tenant, or the absent name."""
     if isinstance(data, Unresolved):
@@ -275,7 +425,7 @@ def _check_file(
         return check, None, None
 
     unresolved = dict(_find_unresolved(data, ""))
-    check = _FileCheck(file, quiet_paths=unresolved, templates_resolved=resolve_secrets)
+    check = _FileCheck(file, quiet_paths=unresolved, templated=templated)
 
     if data is None:
         check.error(
@@ -307,20 +457,20 @@ def _check_file(
     domains_known = len(check.errors) == errors_before and not any(
         p.split("[")[0] == "domains" for p in check.quiet_paths
     )
-    users, login_paths = _check_users(
-        check, data.get("users"), domains if domains_known else None, salt_key, resolve_secrets
-    )
+    users, login_paths = _check_users(check, data.get("users"), domains if domains_known else None)
+    networks, parsed, counts = _check_networks(check, data.get("networks"))
     tenant = {
         "name": name,
         "domains": domains,
         "users": users,
-        "networks": _check_networks(check, data.get("networks")),
+        "networks": networks,
         "limits": _check_limits(check, data.get("limits")),
         "relay": _check_relay(check, data.get("relay"), smarthosts),
     }
     if name is None:
         return check, None, None
-    return check, _Tenant(file, name, tenant, domain_paths, login_paths), None
+    found = _Tenant(file, name, tenant, domain_paths, login_paths, parsed, counts)
+    return check, found, None
 
 
 def _split_problem(problem: str) -> tuple[str, str]:
@@ -357,30 +507,42 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _show(value: object) -> str:
+    """A value for a message: control characters escaped, long values cut."""
+    text = str(value)
+    shown = "".join(
+        f"\\x{ord(c):02x}" if unicodedata.category(c) == "Cc" and ord(c) < 256 else c
+        for c in text[:80]
+    )
+    return shown + ("..." if len(text) > 80 else "")
+
+
 def _check_keys(check: _FileCheck, path: str, mapping: Mapping[Any, Any], known: tuple) -> None:
     for key in mapping:
         if key in known:
             continue
         close = difflib.get_close_matches(str(key), known, n=1)
         fix = f"did you mean '{close[0]}'?" if close else f"known fields are {', '.join(known)}"
-        check.error(path, f"unknown field '{key}'", fix)
+        check.error(path, f"unknown field '{_show(key)}'", fix)
 
 
 def _check_name(check: _FileCheck, file: str, value: object) -> str | None:
     stem = Path(file).stem
     if value is None:
-        if _NAME_RE.match(stem):
+        if _NAME_RE.fullmatch(stem):
             return stem
         check.error(
             "name",
-            f"the file name '{Path(file).name}' is not a valid tenant name",
+            f"the file name '{_show(Path(file).name)}' is not a valid tenant name",
             "rename the file to <name>.yml using lowercase letters, digits and '-'",
         )
         return None
     if not isinstance(value, str):
         check.error("name", f"must be a string, not a {_type_name(value)}", f"write name: {stem}")
         return None
-    if not _NAME_RE.match(value):
+    if not check.text("name", value):
+        return None
+    if not _NAME_RE.fullmatch(value):
         check.error(
             "name",
             f"'{value}' is not a valid tenant name",
@@ -402,7 +564,9 @@ def _check_state(check: _FileCheck, value: object) -> str:
         return "present"
     if value == "absent":
         return "absent"
-    shown = f"'{value}'" if isinstance(value, str) else f"a {_type_name(value)}"
+    if isinstance(value, str) and not check.text("state", value):
+        return "present"
+    shown = f"'{_show(value)}'" if isinstance(value, str) else f"a {_type_name(value)}"
     check.error("state", f"must be 'present' or 'absent', not {shown}", "use state: absent")
     return "present"
 
@@ -439,6 +603,8 @@ def _check_domains(check: _FileCheck, value: object) -> tuple[list[str], dict[st
         if not isinstance(item, str):
             check.error(path, f"must be a string, not a {_type_name(item)}", "write a domain name")
             continue
+        if not check.text(path, item):
+            continue
         try:
             domain = normalise_domain(item)
         except ValueError as exc:
@@ -449,11 +615,7 @@ def _check_domains(check: _FileCheck, value: object) -> tuple[list[str], dict[st
 
 
 def _check_users(
-    check: _FileCheck,
-    value: object,
-    domains: list[str] | None,
-    salt_key: str,
-    resolve_secrets: bool,
+    check: _FileCheck, value: object, domains: list[str] | None
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     if value is None:
         return [], {}
@@ -473,7 +635,7 @@ def _check_users(
             continue
         _check_keys(check, path, user, USER_FIELDS)
         login = _check_login(check, path, user.get("login"), domains)
-        password_hash = _check_secret(check, path, user, login, salt_key, resolve_secrets)
+        password, password_hash = _check_secret(check, path, user)
         if login is None:
             continue
         login_path = join_path(path, "login")
@@ -485,7 +647,7 @@ def _check_users(
             )
             continue
         login_paths[login] = login_path
-        users.append({"login": login, "password_hash": password_hash})
+        users.append({"login": login, "password_hash": password_hash, "password": password})
     return users, login_paths
 
 
@@ -500,8 +662,10 @@ def _check_login(
     if not isinstance(value, str):
         check.error(path, f"must be a string, not a {_type_name(value)}", "write user@domain")
         return None
-    local, at, domain = value.strip().rpartition("@")
-    if not at or not _LOCAL_PART_RE.match(local):
+    if not check.text(path, value):
+        return None
+    local, at, domain = value.strip(" ").rpartition("@")
+    if not at or not _LOCAL_PART_RE.fullmatch(local):
         check.error(
             path,
             f"'{value}' is not a valid login",
@@ -525,66 +689,66 @@ def _check_login(
 
 
 def _check_secret(
-    check: _FileCheck,
-    path: str,
-    user: Mapping[Any, Any],
-    login: str | None,
-    salt_key: str,
-    resolve_secrets: bool,
-) -> str | None:
-    """Return the Dovecot hash for a user (``None`` when not resolvable here)."""
+    check: _FileCheck, path: str, user: Mapping[Any, Any]
+) -> tuple[Password | None, str | None]:
+    """Return ``(password to hash, given hash)``; both ``None`` when not resolvable here."""
     has_password = user.get("password") is not None
     has_hash = user.get("password_hash") is not None
     if has_password and has_hash:
         check.error(path, "has both password and password_hash", "keep only one of the two fields")
-        return None
+        return None, None
     if not has_password and not has_hash:
         check.error(
             path,
             "one of password or password_hash is required",
             'add password: "{{ vault_<tenant>_<user> }}" with the secret in an ansible-vault file',
         )
-        return None
+        return None, None
     if has_hash:
-        return _check_password_hash(check, join_path(path, "password_hash"), user["password_hash"])
+        return None, _check_password_hash(check, join_path(path, "password_hash"), user)
 
     password = user["password"]
     field_path = join_path(path, "password")
-    if not resolve_secrets and is_secret_reference(password):
-        return None
     if isinstance(password, VaultedValue):
-        check.error(field_path, "is still vault-encrypted", "run with the vault password available")
-        return None
+        if check.templated:
+            check.error(
+                field_path, "is still vault-encrypted", "run with the vault password available"
+            )
+        return None, None
     if not isinstance(password, str):
         check.error(
             field_path,
             f"must be a string, not a {_type_name(password)}",
             "quote the value or refer to a vault variable",
         )
-        return None
+        return None, None
+    if not check.text(field_path, password, secret=True):
+        return None, None
+    if not check.templated and is_template(password):
+        return None, None  # parsed above; Ansible renders and checks it at deploy time
     if len(password) < MIN_PASSWORD_LENGTH:
         check.error(
             field_path,
             f"is too short ({len(password)} characters)",
             f"use at least {MIN_PASSWORD_LENGTH} characters",
         )
-        return None
-    if login is None:
-        return None
-    return dovecot_hash(login, password, salt_key)
+        return None, None
+    return Password(password), None
 
 
-def _check_password_hash(check: _FileCheck, path: str, value: object) -> str | None:
-    fix = (
-        "start it with the Dovecot scheme, e.g. {SHA512-CRYPT}$6$...; "
-        "generate one with: doveadm pw -s SHA512-CRYPT"
-    )
+def _check_password_hash(check: _FileCheck, path: str, user: Mapping[Any, Any]) -> str | None:
+    value = user["password_hash"]
+    fix = "start it with the Dovecot scheme, e.g. {SHA512-CRYPT}$6$...; " + _HASH_FIX
+    if isinstance(value, VaultedValue):
+        if check.templated:
+            check.error(path, "is still vault-encrypted", "run with the vault password available")
+        return None
     if not isinstance(value, str):
         check.error(path, f"must be a string, not a {_type_name(value)}", fix)
         return None
-    scheme = _SCHEME_RE.match(value)
-    if scheme is None or scheme.end() == len(value):
-        check.error(path, "does not start with a {SCHEME} prefix followed by the hash", fix)
+    if not check.text(path, value, secret=True):
+        return None
+    if not check.templated and is_template(value):
         return None
     if ":" in value or any(ch.isspace() for ch in value):
         check.error(
@@ -593,16 +757,62 @@ def _check_password_hash(check: _FileCheck, path: str, value: object) -> str | N
             "copy the hash exactly as doveadm pw prints it",
         )
         return None
+    scheme = _SCHEME_RE.match(value)
+    if scheme is None or scheme.end() == len(value):
+        check.error(path, "does not start with a {SCHEME} prefix followed by the hash", fix)
+        return None
+    name = scheme.group(1).upper()
+    if name not in HASH_SCHEMES:
+        check.error(
+            path,
+            f"the scheme {{{scheme.group(1)}}} is not accepted (only "
+            + ", ".join(f"{{{s}}}" for s in HASH_SCHEMES)
+            + ": salted and slow to crack)",
+            _HASH_FIX,
+        )
+        return None
+    problem = _crypt_shape_problem(name, value[scheme.end() :])
+    if problem:
+        check.error(path, f"is not a well-formed {{{name}}} hash ({problem})", _HASH_FIX)
+        return None
     return value
 
 
-def _check_networks(check: _FileCheck, value: object) -> list[str]:
+def _crypt_shape_problem(scheme: str, crypt: str) -> str | None:
+    """What is wrong with the crypt string of a ``{scheme}`` hash, or ``None``."""
+    if scheme == "BLF-CRYPT":
+        match = _BCRYPT_RE.fullmatch(crypt)
+        if not match:
+            return "expected $2y$<cost>$ and 53 characters of [./A-Za-z0-9]"
+        low, high = _BCRYPT_COST
+        if not low <= int(match.group(1)) <= high:
+            return f"cost {match.group(1)} is outside {low:02d}-{high:02d}"
+        return None
+    match = _SHA_CRYPT_RE[scheme].fullmatch(crypt)
+    if not match:
+        prefix, length = ("$6$", 86) if scheme == "SHA512-CRYPT" else ("$5$", 43)
+        return (
+            f"expected {prefix}[rounds=N$]<8-16 salt characters>$<{length} hash characters>, "
+            "all of [./0-9A-Za-z]"
+        )
+    if match.group(1) is not None:
+        low, high = _SHA_ROUNDS
+        if not low <= int(match.group(1)) <= high:
+            return f"rounds={match.group(1)} is outside {low}-{high}"
+    return None
+
+
+def _check_networks(
+    check: _FileCheck, value: object
+) -> tuple[list[str], dict[str, tuple[_Network, str]], dict[int, int]]:
+    """The networks as written out, the parsed ones with their paths, and addresses covered."""
     if value is None:
-        return []
+        return [], {}, {4: 0, 6: 0}
     items = _expect_list(check, "networks", value, "networks: [192.0.2.0/28]")
     if items is None:
-        return []
+        return [], {}, {4: 0, 6: 0}
     networks: list[str] = []
+    parsed: dict[str, tuple[_Network, str]] = {}
     for index, item in enumerate(items):
         path = join_path("networks", index)
         if not isinstance(item, str):
@@ -610,16 +820,30 @@ def _check_networks(check: _FileCheck, value: object) -> list[str]:
                 path, f"must be a string, not a {_type_name(item)}", "write e.g. 192.0.2.0/28"
             )
             continue
-        if not check.templates_resolved and is_secret_reference(item):
-            networks.append(item)  # e.g. a host fact; Ansible renders it before the real check
+        if not check.text(path, item):
             continue
-        network = _parse_network(check, path, item.strip())
-        if network is not None and network not in networks:
-            networks.append(network)
-    return networks
+        if not check.templated and is_template(item):
+            if item not in networks:  # e.g. a host fact; Ansible renders it before the check
+                networks.append(item)
+            continue
+        network = _parse_network(check, path, item.strip(" "))
+        if network is not None and str(network) not in parsed:
+            parsed[str(network)] = (network, path)
+            networks.append(str(network))
+    counts = _address_count([network for network, _ in parsed.values()])
+    _check_budget(check, "networks", counts)
+    return networks, parsed, counts
 
 
-def _parse_network(check: _FileCheck, path: str, text: str) -> str | None:
+def _parse_network(check: _FileCheck, path: str, text: str) -> _Network | None:
+    if "%" in text:
+        address = text.split("%", 1)[0]
+        check.error(
+            path,
+            f"'{text}' has an IPv6 zone index ('%...'), which names an interface of one host",
+            f"write the address without it, e.g. {address}",
+        )
+        return None
     try:
         network = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
@@ -641,7 +865,49 @@ def _parse_network(check: _FileCheck, path: str, text: str) -> str | None:
             f"or narrower for IPv{network.version}",
         )
         return None
-    return str(network)
+    if isinstance(network, ipaddress.IPv6Network):
+        for embedded, kind, low_bits in _EMBEDDED_IPV4:
+            if not network.overlaps(embedded):
+                continue
+            if low_bits and network.prefixlen >= 96:
+                ipv4 = ipaddress.IPv4Network(
+                    (int(network.network_address) & 0xFFFFFFFF, network.prefixlen - 96)
+                )
+                fix = f"write the IPv4 network instead: {ipv4}"
+            else:
+                fix = "write the IPv4 network of those clients instead"
+            check.error(
+                path,
+                f"{network} is in the {kind} range {embedded}, which carries IPv4 addresses "
+                "(it would bypass the IPv4 rules)",
+                fix,
+            )
+            return None
+    return network
+
+
+def _address_count(networks: list[_Network]) -> dict[int, int]:
+    """Addresses covered per IP version, overlapping networks counted once."""
+    counts = {4: 0, 6: 0}
+    for version in (4, 6):
+        same = [n for n in networks if n.version == version]
+        if len(same) > 1:
+            same = list(ipaddress.collapse_addresses(same))  # type: ignore[arg-type]
+        counts[version] = sum(n.num_addresses for n in same)
+    return counts
+
+
+def _check_budget(
+    check: _FileCheck, path: str, counts: dict[int, int], scope: str = "this tenant's networks"
+) -> None:
+    for version, limit, size in ((4, MAX_IPV4_ADDRESSES, "/8"), (6, MAX_IPV6_ADDRESSES, "/32")):
+        if counts[version] > limit:
+            check.error(
+                path,
+                f"{scope} cover {counts[version]:,} IPv{version} addresses, more than one "
+                f"{size} ({limit:,})",
+                "list only the client networks (networks relay without a login)",
+            )
 
 
 def _check_limits(check: _FileCheck, value: object) -> dict[str, int | None]:
@@ -662,7 +928,9 @@ def _check_limits(check: _FileCheck, value: object) -> dict[str, int | None]:
         if item is None:
             continue
         path = join_path("limits", key)
-        if isinstance(item, bool) or not isinstance(item, int):
+        if isinstance(item, str) and is_template(item):
+            check.text(path, item)
+        elif isinstance(item, bool) or not isinstance(item, int):
             check.error(
                 path, f"must be a whole number, not a {_type_name(item)}", f"write {key}: 100"
             )
@@ -671,6 +939,13 @@ def _check_limits(check: _FileCheck, value: object) -> dict[str, int | None]:
                 path,
                 f"must be positive, not {item}",
                 f"use a number of 1 or more, or leave {key} out",
+            )
+        elif item > LIMIT_MAXIMUMS[key]:
+            check.error(
+                path,
+                f"{item:,} is more than the most allowed, {LIMIT_MAXIMUMS[key]:,}",
+                f"use at most {LIMIT_MAXIMUMS[key]}, or leave {key} out"
+                + (" for no daily limit" if key == "messages_per_day" else ""),
             )
         else:
             limits[key] = int(item)
@@ -695,6 +970,8 @@ def _check_relay(
         shown = "an empty string" if via == "" else f"a {_type_name(via)}"
         check.error("relay.via", f"must be a smart host name, not {shown}", "write via: direct")
         return relay
+    if not check.text("relay.via", via):
+        return relay
     if via != "direct" and smarthosts is not None and via not in smarthosts:
         known = sorted(smarthosts)
         close = difflib.get_close_matches(via, [*known, "direct"], n=1)
@@ -710,12 +987,14 @@ def _check_relay(
 
 
 def _cross_tenant_errors(tenants: list[_Tenant]) -> list[str]:
-    """Domains and logins claimed by more than one tenant."""
+    """Domains, logins and networks claimed by more than one tenant; the address budget."""
     errors: list[str] = []
     domain_owner: dict[str, _Tenant] = {}
     login_owner: dict[str, _Tenant] = {}
-    for tenant in sorted(tenants, key=lambda t: t.file):
-        check = _FileCheck(tenant.file)
+    checks: dict[str, _FileCheck] = {}
+    ordered = sorted(tenants, key=lambda t: t.file)
+    for tenant in ordered:
+        check = checks[tenant.file] = _FileCheck(tenant.file)
         for domain, path in tenant.domain_paths.items():
             owner = domain_owner.setdefault(domain, tenant)
             if owner is not tenant:
@@ -732,100 +1011,57 @@ def _cross_tenant_errors(tenants: list[_Tenant]) -> list[str]:
                     f"login '{login}' is already used by tenant '{owner.name}' ({owner.file})",
                     "give each user a login of its own",
                 )
-        errors.extend(check.errors)
+    _network_overlaps(ordered, checks)
+    _total_budget(ordered, checks)
+    for tenant in ordered:
+        errors.extend(checks[tenant.file].errors)
     return errors
 
 
-# --------------------------------------------------------------------------------------
-# Loading without Ansible (for the CLI)
+def _network_overlaps(tenants: list[_Tenant], checks: dict[str, _FileCheck]) -> None:
+    """Report each network that overlaps another tenant's (one sweep over sorted ranges)."""
+    rank = {t.file: i for i, t in enumerate(tenants)}
+    spans = []
+    for tenant in tenants:
+        for network, path in tenant.networks.values():
+            first, last = int(network.network_address), int(network.broadcast_address)
+            spans.append((network.version, first, -last, rank[tenant.file], tenant, path, network))
+    spans.sort(key=lambda s: s[:4])
+    widest: dict[int, tuple[int, _Tenant, str, Any]] = {}  # version -> furthest-reaching span
+    for version, first, neg_last, _, tenant, path, network in spans:
+        last = -neg_last
+        reach = widest.get(version)
+        if reach is not None and first <= reach[0] and reach[1] is not tenant:
+            _, owner, owner_path, owner_network = reach
+            a, b = sorted([(tenant, path, network), (owner, owner_path, owner_network)], key=_rank)
+            checks[b[0].file].error(
+                b[1],
+                f"{b[2]} overlaps {a[2]} of tenant '{a[0].name}' ({a[0].file}: {a[1]})",
+                "give each client network to one tenant only",
+            )
+        if reach is None or last > reach[0]:
+            widest[version] = (last, tenant, path, network)
 
 
-def list_tenant_files(directory: Path) -> list[Path]:
-    """Tenant files in ``directory``: ``*.yml`` and ``*.yaml``, no hidden files, sorted."""
-    return sorted(
-        entry
-        for entry in directory.iterdir()
-        if entry.suffix in TENANT_SUFFIXES and not entry.name.startswith(".") and entry.is_file()
-    )
+def _rank(entry: tuple[_Tenant, str, Any]) -> tuple[str, str]:
+    return entry[0].file, entry[1]
 
 
-class _TenantLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys and reads Ansible's ``!vault``/``!unsafe``."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}'", key_node.start_mark
+def _total_budget(tenants: list[_Tenant], checks: dict[str, _FileCheck]) -> None:
+    """All tenants' networks together stay within one IPv4 /8 and one IPv6 /32."""
+    totals = {4: 0, 6: 0}
+    limits = {4: (MAX_IPV4_ADDRESSES, "/8"), 6: (MAX_IPV6_ADDRESSES, "/32")}
+    for tenant in tenants:
+        counts = tenant.address_counts
+        for version in (4, 6):
+            before = totals[version]
+            totals[version] += counts[version]
+            limit, size = limits[version]
+            # A tenant over the budget on its own has been told so already.
+            if before <= limit < totals[version] and counts[version] <= limit:
+                checks[tenant.file].error(
+                    "networks",
+                    f"with this tenant, all tenants' networks together cover {totals[version]:,} "
+                    f"IPv{version} addresses, more than one {size} ({limit:,})",
+                    "list only the client networks (networks relay without a login)",
                 )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_TenantLoader.add_constructor(
-    "!vault", lambda loader, node: VaultedValue(loader.construct_scalar(node))
-)
-_TenantLoader.add_constructor("!unsafe", lambda loader, node: loader.construct_scalar(node))
-
-
-def load_tenant_dir(path: Path) -> dict[str, object]:
-    """Parse every tenant file in ``path`` with plain YAML.
-
-    Returns display file name -> data; a file that cannot be read maps to an
-    :class:`Unresolved` so :func:`validate_tenants` reports it with the other errors.
-    Files encrypted as a whole with ansible-vault are left out (see :func:`check_dir`).
-    Raises :class:`TenantError` when ``path`` is not a directory.
-    """
-    if not path.is_dir():
-        raise TenantError(
-            [
-                f"{path}: is not a directory; create it (tenant files go in "
-                "inventories/<name>/tenants/) or pass the right path"
-            ]
-        )
-    return {
-        str(file): _load_file(file) for file in list_tenant_files(path) if not _is_vaulted(file)
-    }
-
-
-def _is_vaulted(file: Path) -> bool:
-    with file.open("rb") as handle:
-        return handle.read(15) == b"$ANSIBLE_VAULT;"
-
-
-def _load_file(file: Path) -> object:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        return Unresolved("the file is not UTF-8 text; save it as UTF-8")
-    except OSError as exc:
-        return Unresolved(f"cannot read the file ({exc.strerror}); check its permissions")
-    try:
-        return yaml.load(text, Loader=_TenantLoader)  # a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = exc.problem or exc.context or "invalid YAML"
-        return Unresolved(
-            f"YAML syntax error{where}: {problem}; fix the YAML (indentation, quotes, brackets)"
-        )
-    except yaml.YAMLError as exc:
-        return Unresolved(f"YAML error: {exc}; fix the YAML")
-
-
-def check_dir(path: Path, smarthosts: Collection[str] | None = None) -> Result:
-    """Load and validate a tenant directory without Ansible (secrets stay unresolved)."""
-    try:
-        raw = load_tenant_dir(path)
-    except TenantError as exc:
-        return Result(errors=exc.errors)
-    result = validate_tenants(raw, smarthosts=smarthosts, resolve_secrets=False)
-    result.notes.extend(
-        f"{file}: encrypted with ansible-vault, not checked here; "
-        "run the playbook (with the vault password) to check it"
-        for file in list_tenant_files(path)
-        if _is_vaulted(file)
-    )
-    return result
