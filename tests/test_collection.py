@@ -31,6 +31,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTION = "smtpgw.gateway"
 MODULE_UTILS = "ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw"
+# What the action and the filter import of the package.
+MODULES = {"tenant_schema", "tenant_files", "password_cache", "passwords", "postfix_maps"}
 LAB_NAME = "smtpgw-coll"
 LAB_SUBNET = "10.89.85.0/24"
 RELAY_IP = "10.89.85.11"  # relay1 is .11 in every lab (smtpgw.lab.HOSTS)
@@ -272,7 +274,7 @@ def test_action_and_filter_by_fqcn_outside_the_checkout(installed, tmp_path):
     assert bad["msg"].startswith("bad/typo.yml: ")
     assert "unknown field 'domian'; did you mean 'domains'?" in bad["msg"], bad["msg"]
 
-    _assert_loaded_through_the_collection(installed, entries, {"tenants", "postfix_maps"})
+    _assert_loaded_through_the_collection(installed, entries, MODULES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +368,7 @@ def test_relay_role_by_fqcn_against_a_lab_container(installed, relay_lab, tmp_pa
     proc, entries = _playbook_run(installed, work, "site.yml", "-i", str(relay_lab), timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert "relay1" in proc.stdout and "failed=0" in proc.stdout
-    _assert_loaded_through_the_collection(installed, entries, {"tenants", "postfix_maps"})
+    _assert_loaded_through_the_collection(installed, entries, MODULES)
 
     # The role ran: Postfix answers on 587, offers STARTTLS and AUTH only under TLS, presents
     # the certificate made here, and takes the tenant's login (hashed by the action).
