@@ -15,6 +15,7 @@ import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
+import dns.rdatatype
 import dns.tsig
 import dns.tsigkeyring
 import dns.update
@@ -125,22 +126,33 @@ def test_other_updates_are_refused(dns1, ring):
     assert query(dns1, f"t-{token}.lab.test", "TXT").rcode() == dns.rcode.NXDOMAIN
 
 
-def test_recursion_forwards(dns1, ips):
-    # podman's resolver, the one dns1 had before, knows the containers' names.
-    response = query(dns1, f"{CLIENT1}.", "A", recurse=True)
+@pytest.fixture(scope="module")
+def mirror(lab_host) -> str:
+    """The Debian mirror's name, as client1's apt uses it: the name lab hosts need forwarded."""
+    sources = lab_host(CLIENT1).file("/etc/apt/sources.list.d/debian.sources").content_string
+    host = re.search(r"^URIs:\s*\w+://([^/:\s]+)", sources, re.M).group(1)
+    if re.fullmatch(r"[\d.]+|\[?[0-9a-fA-F:]+\]?", host):
+        pytest.skip(f"the mirror is an address ({host}): nothing to resolve")
+    return host
+
+
+def test_recursion_forwards(dns1, mirror):
+    # Not a lab zone: only dns1's forwarding to the resolvers the host gave it can answer it.
+    response = query(dns1, f"{mirror}.", "A", recurse=True)
     assert response.flags & dns.flags.RA
-    assert answers(response) == [ips[CLIENT1]]
+    assert response.rcode() == dns.rcode.NOERROR
+    assert any(rrset.rdtype == dns.rdatatype.A for rrset in response.answer), response
 
 
-def test_client_resolves_through_dns1(lab_host, dns1):
+def test_client_resolves_through_dns1(lab_host, dns1, mirror):
     client = lab_host(CLIENT1)
     lines = client.file("/etc/resolv.conf").content_string.splitlines()
     assert [line for line in lines if line.startswith("nameserver")] == [f"nameserver {dns1}"]
     assert "search lab.test" in lines
     assert client.check_output("getent ahostsv4 mx1.lab.test").split()[0] == "192.0.2.25"
     assert client.check_output("getent ahostsv4 dns1").split()[0] == dns1  # search lab.test
-    # Not a lab zone: only dns1's forwarding to podman's resolver can answer it.
-    assert client.check_output(f"getent ahostsv4 {DNS1}").split()[0] == dns1
+    # Not a lab zone: the name apt needs, through dns1's forwarding.
+    assert client.run(f"getent ahostsv4 {mirror}").rc == 0
 
 
 def test_added_zone_is_served_and_updates_are_kept(tmp_path, dns1):
