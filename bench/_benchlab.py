@@ -50,6 +50,9 @@ if lab.NETWORK != LAB_NAME:  # never let a benchmark reach the user's lab
     raise RuntimeError(f"smtpgw.lab was imported before the bench set SMTPGW_LAB_NAME={LAB_NAME}")
 
 INVENTORY = ROOT / ".lab" / LAB_NAME
+# The controller's password-hash cache of the bench's own, removed with the bench lab: a first run
+# hashes every password, as it does for a user's new inventory.
+os.environ["SMTPGW_PASSWORD_CACHE"] = str(INVENTORY / "password-cache")
 # Every playbook run's output is kept here (the lab goes, the logs stay): one directory a run.
 LOGS = ROOT / ".lab" / "bench-logs" / f"{Path(sys.argv[0]).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 TENANTS = INVENTORY / "tenants"
