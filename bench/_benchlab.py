@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -19,16 +18,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB_NAME = "smtpgw-bench"
 LAB_SUBNET = "10.89.80.0/24"
 
-# The lab module reads these when it is imported: set them first.
-os.environ["SMTPGW_LAB_NAME"] = LAB_NAME
-os.environ["SMTPGW_LAB_SUBNET"] = LAB_SUBNET
 os.environ["SMTPGW_ROOT"] = str(ROOT)
 os.environ["ANSIBLE_CONFIG"] = str(ROOT / "ansible.cfg")
 os.environ.setdefault("CONTAINERS_CONF", str(ROOT / ".lab" / "containers.conf"))
@@ -46,8 +42,8 @@ if (ROOT / "src" / "smtpgw").is_dir():
 
 from smtpgw import lab  # noqa: E402
 
-if lab.NETWORK != LAB_NAME:  # never let a benchmark reach the user's lab
-    raise RuntimeError(f"smtpgw.lab was imported before the bench set SMTPGW_LAB_NAME={LAB_NAME}")
+# The bench lab, beside the user's (never the user's: another name, another subnet).
+LAB = lab.Lab(LAB_NAME, LAB_SUBNET, ROOT)
 
 INVENTORY = ROOT / ".lab" / LAB_NAME
 # The controller's password-hash cache of the bench's own, removed with the bench lab: a first run
@@ -107,82 +103,43 @@ def log(text: str) -> None:
 # Playbook runs
 
 
-_RECAP = re.compile(
-    r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M
-)
-# ansible.posix.profile_tasks summary: "role : task name ------------- 12.34s"
-_PROFILE = re.compile(r"^(.+?) -{3,} (\d+\.\d+)s$", re.M)
-
-
-@dataclass
-class Run:
-    playbook: str
-    rc: int
-    seconds: float
-    output: str
-    changed: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, int] = field(default_factory=dict)
-    tasks: list[tuple[str, float]] = field(default_factory=list)  # slowest first
-
-    @property
-    def total_changed(self) -> int:
-        return sum(self.changed.values())
-
-
+Run = lab.PlaybookRun
 _runs = 0
 
 
 def run_playbook(playbook: str | Path, *extra: str, label: str = "", timeout: float = 900.0) -> Run:
-    """Run a playbook against the bench inventory; wall time measured around the process.
+    """Run a playbook against the bench inventory (smtpgw.lab.run_playbook, timed per task).
 
     `playbook` is a name in playbooks/ (`site.yml`) or a path. The inventory is the hosts.yml
     file, not its directory: Ansible would try every file in a directory (the tenant files, the
-    CA) as an inventory source. The output goes to LOGS/NN-LABEL.log.
+    CA) as an inventory source. The output goes to LOGS/NN-LABEL.log; a failed run raises.
     """
     global _runs
     _runs += 1
     LOGS.mkdir(parents=True, exist_ok=True)
     logfile = LOGS / f"{_runs:02d}-{label or Path(playbook).stem}.log"
-    env = dict(os.environ)
-    env.update(
-        {
-            "SMTPGW_TENANTS_DIR": str(TENANTS),
-            "ANSIBLE_FORCE_COLOR": "0",
-            "ANSIBLE_NOCOLOR": "1",
-            # Per-task times, for where the time goes (negligible overhead).
-            "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
-            "PROFILE_TASKS_TASK_OUTPUT_LIMIT": "100",
-        }
-    )
-    cmd = [
-        "ansible-playbook",
-        "-i",
-        str(INVENTORY / "hosts.yml"),
-        "-e",
-        f"lab_pki_dir={PKI}",
-        str(ROOT / "playbooks" / playbook if isinstance(playbook, str) else playbook),
-        *extra,
-    ]
-    start = time.monotonic()
+    path = ROOT / "playbooks" / playbook if isinstance(playbook, str) else playbook
     try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False, cwd=ROOT
+        run = lab.run_playbook(
+            path,
+            INVENTORY / "hosts.yml",
+            "-e",
+            f"lab_pki_dir={PKI}",
+            *extra,
+            env={"SMTPGW_TENANTS_DIR": str(TENANTS)},
+            timeout=timeout,
+            profile=True,
+            cwd=ROOT,
         )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"{playbook} ran longer than {timeout:.0f} s; stopped it") from exc
-    seconds = time.monotonic() - start
-    out = proc.stdout + proc.stderr
-    logfile.write_text(f"# {shlex.join(cmd)}\n# {seconds:.1f} s, rc {proc.returncode}\n{out}")
-    run = Run(str(playbook), proc.returncode, seconds, out)
-    run.changed = {m[0]: int(m[2]) for m in _RECAP.findall(out)}
-    run.failed = {m[0]: int(m[4]) for m in _RECAP.findall(out)}
-    tail = out.rsplit("=" * 20, 1)[-1] if "=" * 20 in out else ""
-    run.tasks = [(m[0].strip(), float(m[1])) for m in _PROFILE.findall(tail)]
-    if proc.returncode != 0:
-        last = "\n".join(out.rstrip().splitlines()[-40:])
+    except lab.LabError as exc:
+        raise BenchError(str(exc)) from exc
+    logfile.write_text(
+        f"# {shlex.join(run.command)}\n# {run.seconds:.1f} s, rc {run.rc}\n{run.output}"
+    )
+    if run.rc != 0:
+        last = "\n".join(run.output.rstrip().splitlines()[-40:])
         raise BenchError(
-            f"{playbook} failed (rc {proc.returncode}); whole output in {logfile}; "
-            f"its last lines:\n{last}"
+            f"{playbook} failed (rc {run.rc}); whole output in {logfile}; its last lines:\n{last}"
         )
     return run
 
@@ -192,9 +149,7 @@ def run_playbook(playbook: str | Path, *extra: str, label: str = "", timeout: fl
 
 
 def podman(*args: str, check: bool = True, timeout: float = 120.0) -> str:
-    proc = subprocess.run(
-        ["podman", *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
+    proc = LAB.podman.run(*args, check=False, timeout=timeout)
     if check and proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip()
         raise BenchError(f"`podman {' '.join(args)}` failed: {detail}")
@@ -203,7 +158,23 @@ def podman(*args: str, check: bool = True, timeout: float = 120.0) -> str:
 
 def on(host: str, *cmd: str, check: bool = True, timeout: float = 120.0) -> str:
     """Run a command in one of the bench lab's containers."""
-    return podman("exec", lab.HOSTS[host].container, *cmd, check=check, timeout=timeout)
+    try:
+        return LAB.exec(host, *cmd, check=check, timeout=timeout)
+    except lab.LabError as exc:
+        raise BenchError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class BenchHost:
+    name: str
+    container: str
+    ip: str
+    fqdn: str
+
+
+def host(name: str) -> BenchHost:
+    """A bench lab host: its container, address and name."""
+    return BenchHost(name, LAB.container(name), LAB.planned_ip(name), lab.HOSTS[name].fqdn)
 
 
 class BenchLab:
@@ -256,7 +227,7 @@ class BenchLab:
     def up(hosts: Sequence[str]) -> None:
         """Start (or keep) the hosts; lay out the inventory around the hosts.yml lab up writes."""
         try:
-            lab.up(list(hosts), root=ROOT)
+            LAB.up(list(hosts))
         except lab.LabError as exc:
             raise BenchError(f"bench lab: {exc}") from exc
         gv = INVENTORY / "group_vars"
@@ -267,14 +238,14 @@ class BenchLab:
     @staticmethod
     def recreate(host: str) -> None:
         """Replace a host's container by a fresh one from the image (same name and address)."""
-        podman("rm", "-f", "--time", "5", lab.HOSTS[host].container)
+        podman("rm", "-f", "--time", "5", LAB.container(host))
         BenchLab.up([host])
 
     @staticmethod
     def down() -> None:
         section(f"Removing the bench lab ({LAB_NAME})")
         try:
-            removed = lab.down(root=ROOT)
+            removed = LAB.down()
         except lab.LabError as exc:
             print(f"smtpgw bench: removing the lab failed: {exc}", file=sys.stderr)
             print(f"remove it by hand: {BenchLab.down_command()}", file=sys.stderr)

@@ -113,7 +113,7 @@ def sizes_runs(counts: list[int]) -> list[str]:
             )
         if size.logins != count:
             problems.append(
-                f"{count} tenants: {bl.lab.HOSTS['relay1'].container}:{USERS_FILE} has "
+                f"{count} tenants: {bl.host('relay1').container}:{USERS_FILE} has "
                 f"{size.logins} login(s), not {count}"
             )
     bl.section("Results")

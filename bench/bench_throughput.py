@@ -41,8 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchlab as bl
 
-RELAY = bl.lab.HOSTS["relay1"]
-MX = bl.lab.HOSTS["mx1"]
+RELAY = bl.host("relay1")
+MX = bl.host("mx1")
 SENDER = "app@bench.test"
 PASSWORD = "bench-app-password"
 RECIPIENT = "sink@dest.test"

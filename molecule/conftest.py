@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 import testinfra
 
-from smtpgw.lab import container_ip
+from smtpgw.lab import Podman, container_ip, podman_env, project_root
 
 
 @pytest.fixture(scope="session")
 def ips() -> dict[str, str]:
     """Container name -> IP for every host of the scenario's inventory."""
+    podman = Podman(podman_env(project_root()))
     names = os.environ.get("MOLECULE_PLATFORMS_NAMES")
     if names is None:
-        out = subprocess.run(
-            ["podman", "ps", "--filter", "label=owner=molecule", "--format", "{{.Names}}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        out = podman.run("ps", "--filter", "label=owner=molecule", "--format", "{{.Names}}").stdout
         names = ",".join(out.split())
-    return {name: container_ip(name) for name in names.split(",") if name}
+    return {name: container_ip(name, podman) for name in names.split(",") if name}
 
 
 @pytest.fixture(scope="session")

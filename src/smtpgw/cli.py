@@ -20,21 +20,23 @@ def _table(rows: list[dict[str, str]]) -> str:
 
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
-    started = lab.up(args.hosts or None)
+    the_lab = lab.Lab.from_env()
+    started = the_lab.up(args.hosts or None)
     for host, state in started:
-        print(f"{host.name:<10} {host.ip:<13} systemd {state:<9} {host.purpose}")
-    print(f"inventory: {lab.inventory_path(lab.project_root())}")
+        print(f"{host.name:<10} {the_lab.planned_ip(host):<13} systemd {state:<9} {host.purpose}")
+    print(f"inventory: {the_lab.inventory_path()}")
     return 0
 
 
 def cmd_lab_down(args: argparse.Namespace) -> int:
-    removed = lab.down()
-    print(f"removed {len(removed)} container(s) and the {lab.NETWORK} network")
+    the_lab = lab.Lab.from_env()
+    removed = the_lab.down()
+    print(f"removed {len(removed)} container(s) and the {the_lab.name} network")
     return 0
 
 
 def cmd_lab_status(args: argparse.Namespace) -> int:
-    rows = lab.status()
+    rows = lab.Lab.from_env().status()
     print(_table(rows))
     return 0 if all(r["container"] in ("running", "absent") for r in rows) else 1
 
@@ -92,7 +94,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         return 1
     print(f"accepted by {args.server}:{args.port}; token {token}")
     if args.expect_on:
-        text = lab.find_mail(token, host=args.expect_on)
+        text = lab.Lab.from_env().find_mail(token, host=args.expect_on)
         print(f"--- arrived on {args.expect_on} ---")
         print(text.rstrip())
     return 0

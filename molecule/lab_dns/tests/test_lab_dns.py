@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import dns.tsigkeyring
 import dns.update
 import pytest
 import yaml
+
+from smtpgw.lab import run_playbook
 
 DNS1 = "smtpgw-labdns-dns1"
 CLIENT1 = "smtpgw-labdns-client1"
@@ -67,21 +67,13 @@ def rerun(tmp_path: Path, target: str, role: str, role_vars: dict) -> tuple[int,
         "tasks": [{"ansible.builtin.include_role": {"name": role}, "vars": role_vars}],
     }
     playbook.write_text(json.dumps([play]))
-    env = dict(
-        os.environ,
-        ANSIBLE_ROLES_PATH=str(PROJECT / "roles"),
-        ANSIBLE_FORCE_COLOR="0",
-        ANSIBLE_NOCOLOR="1",
-    )
-    command = [
-        str(Path(sys.executable).with_name("ansible-playbook")),
-        "-i",
+    run = run_playbook(
+        playbook,
         os.environ["MOLECULE_INVENTORY_FILE"],
-        str(playbook),
-    ]
-    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    text = re.sub(r"\x1b\[[0-9;]*m", "", run.stdout + run.stderr)
-    return run.returncode, " ".join(text.split())
+        env={"ANSIBLE_ROLES_PATH": str(PROJECT / "roles")},
+        timeout=300,
+    )
+    return run.rc, " ".join(run.output.split())
 
 
 @pytest.fixture(scope="module")
