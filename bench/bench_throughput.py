@@ -40,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _benchlab as bl
+from smtpgw.smtpclient import ImplicitTLS
 
 RELAY = bl.host("relay1")
 MX = bl.host("mx1")
@@ -86,7 +87,7 @@ def open_session(path: Entry, ctx: ssl.SSLContext, marks: dict[str, float] | Non
     mark("start")
     helo = "bench-client.bench.test"
     if path.tls == "implicit":
-        smtp: smtplib.SMTP = smtplib.SMTP_SSL(timeout=30, local_hostname=helo, context=ctx)
+        smtp: smtplib.SMTP = ImplicitTLS(timeout=30, local_hostname=helo, context=ctx)
     else:
         smtp = smtplib.SMTP(timeout=30, local_hostname=helo)
     smtp._host = bl.RELAY_NAME  # the name the certificate is checked against

@@ -7,8 +7,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv"
 state="$root/.lab"
+# testssl.sh: the gateway scenario's TLS policy test runs it against 587 and 465.
 apt_packages=(podman runc debootstrap uidmap slirp4netns containernetworking-plugins
-    python3 python3-venv python3-dev make git openssl ca-certificates iproute2)
+    python3 python3-venv python3-dev make git openssl ca-certificates iproute2 testssl.sh)
 
 step() { printf '\n== %s\n' "$*"; }
 fail() {
