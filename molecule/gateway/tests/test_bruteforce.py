@@ -10,9 +10,6 @@ import statistics
 import threading
 import time
 
-from gwlab import PREFIX
-
-from smtpgw.lab import container_ip
 from smtpgw.smtpclient import connect
 
 ATTEMPTS = 50
@@ -68,7 +65,7 @@ def good_login(lab) -> float:
 def test_repeated_wrong_passwords_slowed_then_refused_others_unaffected(lab):
     setting = lab.exec("relay1", "postconf", "-hP", "465/inet/smtpd_client_auth_rate_limit")
     limit = int(setting.strip() or 0)  # 0: none
-    attacker = container_ip(PREFIX + "upstream1")
+    attacker = lab.hosts.ip("upstream1")
     # A good login first: it also clears any penalty this machine's address has from other tests.
     deadline = time.monotonic() + 60
     while True:
