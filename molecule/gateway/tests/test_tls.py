@@ -62,23 +62,26 @@ def _legacy_context(version: ssl.TLSVersion) -> ssl.SSLContext:
     return ctx
 
 
+def _ready_for_tls(lab, port: int) -> socket.socket:
+    """A connection to `port` at the point where the client starts its TLS handshake: at once on
+    465, after EHLO and STARTTLS elsewhere (by hand: any client may be tried, however old)."""
+    raw = socket.create_connection((lab.relay_ip, port), timeout=30)
+    if port != 465:
+        f = raw.makefile("rb")
+        f.readline()
+        raw.sendall(b"EHLO client.test\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        raw.sendall(b"STARTTLS\r\n")
+        assert f.readline().startswith(b"220")
+    return raw
+
+
 @pytest.mark.parametrize("port", [587, 465, 25])
 def test_tls_before_1_2_refused_and_1_2_accepted(lab, port):
     def handshake(version: ssl.TLSVersion) -> str:
-        raw = socket.create_connection((lab.relay_ip, port), timeout=30)
-        try:
-            if port != 465:
-                f = raw.makefile("rb")
-                f.readline()
-                raw.sendall(b"EHLO client.test\r\n")
-                while f.readline()[3:4] == b"-":
-                    pass
-                raw.sendall(b"STARTTLS\r\n")
-                assert f.readline().startswith(b"220")
-            with _legacy_context(version).wrap_socket(raw) as tls:
-                return tls.version()
-        finally:
-            raw.close()
+        with _ready_for_tls(lab, port) as raw, _legacy_context(version).wrap_socket(raw) as tls:
+            return tls.version()
 
     for old in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
         with pytest.raises((ssl.SSLError, ConnectionResetError)):
@@ -115,20 +118,8 @@ def _tls12_handshake(lab, port: int, ciphers: str) -> str:
     ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(ciphers)
-    raw = socket.create_connection((lab.relay_ip, port), timeout=30)
-    try:
-        if port != 465:
-            f = raw.makefile("rb")
-            f.readline()
-            raw.sendall(b"EHLO client.test\r\n")
-            while f.readline()[3:4] == b"-":
-                pass
-            raw.sendall(b"STARTTLS\r\n")
-            assert f.readline().startswith(b"220")
-        with ctx.wrap_socket(raw) as tls:
-            return tls.cipher()[0]
-    finally:
-        raw.close()
+    with _ready_for_tls(lab, port) as raw, ctx.wrap_socket(raw) as tls:
+        return tls.cipher()[0]
 
 
 @pytest.mark.parametrize(("port", "accepted"), [(587, False), (465, False), (25, True)])
