@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from smtpgw.lab import DEFAULT_IMAGE, Lab, LabError
+
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTION = "smtpgw.gateway"
 MODULE_UTILS = "ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw"
@@ -281,53 +283,24 @@ def test_action_and_filter_by_fqcn_outside_the_checkout(installed, tmp_path):
 # The relay role, by its full name, against one lab container
 
 
-def _podman(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.setdefault("CONTAINERS_CONF", str(ROOT / ".lab" / "containers.conf"))
-    return subprocess.run(
-        ["podman", *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
-    )
-
-
 def _have_lab_image() -> bool:
     try:
-        return _podman("image", "exists", "localhost/smtpgw-lab:latest").returncode == 0
-    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return Lab(LAB_NAME, LAB_SUBNET, ROOT).podman.inspect("image", DEFAULT_IMAGE) is not None
+    except LabError:
         return False
 
 
-def _lab(workdir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`smtpgw lab` (the test harness's copy, from this checkout) for the test's own lab."""
-    env = dict(os.environ)
-    env.setdefault("CONTAINERS_CONF", str(ROOT / ".lab" / "containers.conf"))
-    env.update(
-        SMTPGW_LAB_NAME=LAB_NAME,
-        SMTPGW_LAB_SUBNET=LAB_SUBNET,
-        SMTPGW_ROOT=str(workdir),  # its inventory goes to workdir/.lab/smtpgw-coll/hosts.yml
-        PYTHONPATH=str(ROOT / "src"),
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "smtpgw.cli", "lab", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        check=False,
-    )
-
-
 @pytest.fixture
-def relay_lab(tmp_path):
-    """relay1 of the lab smtpgw-coll; removed at the end, whatever happened."""
-    _lab(tmp_path, "down")
+def relay_lab():
+    """relay1 of the lab smtpgw-coll (inventory in .lab/smtpgw-coll/); removed at the end."""
+    lab = Lab(LAB_NAME, LAB_SUBNET, ROOT)
+    lab.down()
     try:
-        up = _lab(tmp_path, "up", "relay1")
-        assert up.returncode == 0, up.stdout + up.stderr
-        yield tmp_path / ".lab" / LAB_NAME / "hosts.yml"
+        lab.up(["relay1"])
+        yield lab.inventory_path()
     finally:
-        down = _lab(tmp_path, "down")
-        assert down.returncode == 0, down.stdout + down.stderr
-        assert _podman("network", "exists", LAB_NAME).returncode != 0
+        lab.down()
+        assert lab.podman.inspect("network", LAB_NAME) is None
 
 
 ROLE_PLAYBOOK = """\
