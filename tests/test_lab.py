@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from smtpgw.lab import LabError, Podman
+
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "smtpgw-labtest"
 SUBNET = "10.89.70.0/24"
@@ -29,9 +31,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def podman(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["podman", *args], capture_output=True, text=True, env=_env(), check=check, timeout=120
-    )
+    """podman as the harness runs it (the checks here look at what the CLI did, from outside)."""
+    return Podman(_env()).run(*args, check=check)
 
 
 def smtpgw(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -48,7 +49,7 @@ def smtpgw(*args: str, **env: str) -> subprocess.CompletedProcess:
 def _have_lab_image() -> bool:
     try:
         return podman("image", "exists", "localhost/smtpgw-lab:latest").returncode == 0
-    except FileNotFoundError:
+    except LabError:  # no podman
         return False
 
 
