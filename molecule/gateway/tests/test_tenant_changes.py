@@ -20,6 +20,7 @@ TENANT_TASKS = {
     "postfix | Render the tenant networks",
     "postfix | Build the databases of changed tables",
     "dovecot | Install the tenants' logins (hashes only)",
+    "Reload Postfix",  # the handler that makes changed tables count at once
 }
 
 INITECH = """\
