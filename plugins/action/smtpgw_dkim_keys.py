@@ -171,13 +171,21 @@ class ActionModule(ActionBase):
             ) from None
         if data.startswith(b"$ANSIBLE_VAULT"):
             try:
-                data = self._loader._vault.decrypt(data, filename=str(path))
+                real = self._loader.get_real_file(str(path), decrypt=True)
             except AnsibleError as exc:
                 raise dkim_keys.KeyProblem(
-                    f"{path}: cannot decrypt the private key ({exc.message}); run "
+                    f"{path}: cannot decrypt the private key ({_one_line(exc)}); run "
                     "ansible-playbook with --ask-vault-pass or --vault-password-file"
                 ) from None
+            try:
+                data = Path(real).read_bytes()
+            finally:
+                self._loader.cleanup_tmp_file(real)
         return data
+
+
+def _one_line(exc: AnsibleError) -> str:
+    return " ".join(str(getattr(exc, "message", "") or exc).split()).rstrip(".")
 
 
 def _read_or_none(path: Path) -> str | None:
