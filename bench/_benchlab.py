@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAB_NAME = "smtpgw-bench"
-LAB_SUBNET = "10.89.80.0/24"
+# Another name and subnet for a second checkout's bench beside a running one (each lab its lock).
+LAB_NAME = os.environ.get("SMTPGW_BENCH_LAB_NAME", "smtpgw-bench")
+LAB_SUBNET = os.environ.get("SMTPGW_BENCH_LAB_SUBNET", "10.89.80.0/24")
 
 # The lab module reads these when it is imported: set them first.
 os.environ["SMTPGW_LAB_NAME"] = LAB_NAME

@@ -15,6 +15,7 @@ import os
 import shutil
 import smtplib
 import stat
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -186,6 +187,42 @@ def test_rspamd_down_defers_then_mail_goes_out_signed(lab):
             assert err.smtp_code < 500 and time.monotonic() < deadline, err
             time.sleep(1)
     assert_signed(lab.find_mail(token), "acme.test")
+
+
+def test_reload_drops_no_message(lab):
+    """A tenant change reloads rspamd (new workers take over): mail sent meanwhile is neither
+    refused nor deferred, and arrives signed."""
+    tokens: list[str] = []
+    errors: list[str] = []
+
+    def sender() -> None:
+        sub = lab.submission(*LOGINS["acme.test"], 587, "starttls")
+        for _ in range(4):
+            with connect(sub) as smtp:
+                for _ in range(15):
+                    token = uuid.uuid4().hex
+                    try:
+                        smtp.sendmail(
+                            "scanner@acme.test",
+                            ["dkim@dest.test"],
+                            message("scanner@acme.test", token),
+                        )
+                        tokens.append(token)
+                    except smtplib.SMTPException as exc:
+                        errors.append(repr(exc))
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    for _ in range(3):
+        lab.exec("relay1", "systemctl", "reload", "rspamd")
+        time.sleep(0.7)
+    thread.join(120)
+    assert errors == [], errors
+    assert len(tokens) == 60
+    for token in (tokens[0], tokens[30], tokens[-1]):
+        assert_signed(lab.find_mail(token), "acme.test")
+    for token in tokens:
+        assert lab.find_mail(token)
 
 
 # --- Runs of site.yml ---------------------------------------------------------------------------
