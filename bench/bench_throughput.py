@@ -4,22 +4,24 @@
 Sets up a lab of its own (`smtpgw-bench`: dns1, relay1, mx1), deploys the gateway with one
 tenant (a login, and this machine's address on the lab network as its network), and replaces the
 MX's Postfix by Postfix's `smtp-sink`, so what is measured is the relay and not the MX. Then, in
-rounds that alternate the order, it sends the same number of 5 KB messages through two paths:
+rounds that rotate the order, it sends the same number of 5 KB messages through three paths:
 
 - `587 full`: STARTTLS (the client's default, TLS 1.3), a login, and rspamd as milter (the
   header-From check and two DKIM signatures, RSA-2048 and Ed25519), as applications send;
 - `2525 bare`: a Postfix smtpd service the bench adds to the relay's master.cf after the
   deployment (`postconf -M`, for the bench only): no TLS, no login, no milter, relayed because
-  the client is on the tenant's network.
+  the client is on the tenant's network;
+- `2587 no milter`: 587's settings (STARTTLS, AUTH) without rspamd, also added by the bench, so
+  the cost of TLS and AUTH and the cost of rspamd show apart.
 
-Both paths go through the same Postfix, the same restrictions and the same onward delivery (direct,
+All paths go through the same Postfix, the same restrictions and the same onward delivery (direct,
 MX lookup, to the sink). Each path: `--sessions` parallel sessions, each session sends
 `--per-session` messages then quits and a new one starts, until `--messages` were sent or the time
 limit passed. Reported per path: accepted messages/s (until the last one was accepted), end to end
 messages/s (until the sink had them all), CPU per message of the relay container (and of its
-rspamd processes), the sink and this client; and the ratio of the two paths. Before the load,
-sequential sessions measure where the set-up time of a session goes (25 with the milter; 587 and
-465, each with TLS 1.3 and 1.2), and count the stalls.
+rspamd processes), the sink and this client; and the ratio of each path to the bare one. Before
+the load, sequential sessions measure where the set-up time of a session goes (25 with the
+milter; 587 and 465, each with TLS 1.3 and 1.2), and count the stalls.
 
 Exits non-zero when anything fails (a message refused, one not delivered to the sink, a message
 of the full path that reached the sink without both signatures, the lab).
@@ -66,12 +68,20 @@ class Entry:
 
 TLS_AUTH = Entry("587 full", 587, "starttls", True)
 BARE = Entry("2525 bare", 2525, "none", False)
+NO_MILTER = Entry("2587 no milter", 2587, "starttls", True)  # 587 without rspamd: where time goes
 PLAIN = Entry("25 plain", 25, "none", False)  # latency probe only (with the milter)
 IMPLICIT_AUTH = Entry("465 TLS+AUTH", 465, "implicit", True)  # latency probe only
-# The bench's bare smtpd: no TLS, no SASL, no milter (master.cf, added after the deployment).
-BARE_SERVICE = (
+LOAD_PATHS = [BARE, TLS_AUTH, NO_MILTER]
+# The bench's own smtpd services (master.cf, added after the deployment): bare (no TLS, no SASL,
+# no milter), and 587's settings without the milter.
+BENCH_SERVICES = (
     f"{BARE.port}/inet={BARE.port} inet n - y - - smtpd -o syslog_name=postfix/bench-bare "
-    "-o smtpd_milters= -o smtpd_tls_security_level=none -o smtpd_sasl_auth_enable=no"
+    "-o smtpd_milters= -o smtpd_tls_security_level=none -o smtpd_sasl_auth_enable=no",
+    f"{NO_MILTER.port}/inet={NO_MILTER.port} inet n - y - - smtpd "
+    "-o syslog_name=postfix/bench-nomilter -o smtpd_tls_security_level=encrypt "
+    "-o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes -o smtpd_milters= "
+    "-o smtpd_sender_restrictions="
+    "reject_non_fqdn_sender,reject_authenticated_sender_login_mismatch",
 )
 
 
@@ -471,7 +481,7 @@ def per_msg_ms(cpu: float | None, n: int) -> float | None:
     return None if cpu is None or not n else cpu / n * 1000
 
 
-def report(loads: list[Load]) -> tuple[float, float]:
+def report(loads: list[Load], rounds: int) -> tuple[float, float]:
     head = (
         f"{'round':>5}  {'path':<13} {'msgs':>5} {'sess':>4} {'secs':>6} {'accepted/s':>10} "
         f"{'e2e/s':>7} {'relay CPU':>9} {'rspamd':>7} {'sink CPU':>8} {'client CPU':>10}"
@@ -481,9 +491,10 @@ def report(loads: list[Load]) -> tuple[float, float]:
         f"{'':>5}  {'':<13} {'':>5} {'':>4} {'':>6} {'':>10} {'':>7} {'ms/msg':>9} "
         f"{'ms/msg':>7} {'ms/msg':>8} {'ms/msg':>10}"
     )
+    per_round = len(loads) // rounds
     for i, ld in enumerate(loads):
         print(
-            f"{i // 2 + 1:>5}  {ld.path.label:<13} {ld.accepted:>5} {ld.sessions:>4} "
+            f"{i // per_round + 1:>5}  {ld.path.label:<13} {ld.accepted:>5} {ld.sessions:>4} "
             f"{ld.seconds:>6.1f} {ld.rate:>10.1f} {ld.e2e_rate:>7.1f} "
             f"{fmt(per_msg_ms(ld.relay_cpu, ld.accepted), '9.2f'):>9} "
             f"{fmt(per_msg_ms(ld.rspamd_cpu, ld.accepted), '7.2f'):>7} "
@@ -501,28 +512,33 @@ def report(loads: list[Load]) -> tuple[float, float]:
         cpu = None if None in cpus else sum(c for c in cpus if c is not None) / n * 1000
         return rate, e2e, cpu
 
-    tls_rate, tls_e2e, tls_cpu = total(TLS_AUTH)
-    plain_rate, plain_e2e, plain_cpu = total(BARE)
     print()
-    print(f"   {TLS_AUTH.label:<13}: {tls_rate:7.1f} accepted/s, {tls_e2e:7.1f} end to end/s")
-    print(f"   {BARE.label:<13}: {plain_rate:7.1f} accepted/s, {plain_e2e:7.1f} end to end/s")
-    print(
-        f"   ratio full / bare: accepted/s {tls_rate / plain_rate:.2f}, "
-        f"end to end/s {tls_e2e / plain_e2e:.2f}"
-        + (
-            f", relay CPU per message {tls_cpu / plain_cpu:.2f}x "
-            f"({tls_cpu:.2f} vs {plain_cpu:.2f} ms)"
-            if tls_cpu and plain_cpu
-            else ""
+    bare_rate, bare_e2e, bare_cpu = total(BARE)
+    for path in LOAD_PATHS:
+        rate, e2e, cpu = total(path)
+        print(f"   {path.label:<13}: {rate:7.1f} accepted/s, {e2e:7.1f} end to end/s")
+    for path in LOAD_PATHS:
+        if path == BARE:
+            continue
+        rate, e2e, cpu = total(path)
+        print(
+            f"   ratio {path.label} / bare: accepted/s {rate / bare_rate:.2f}, "
+            f"end to end/s {e2e / bare_e2e:.2f}"
+            + (
+                f", relay CPU per message {cpu / bare_cpu:.2f}x ({cpu:.2f} vs {bare_cpu:.2f} ms)"
+                if cpu and bare_cpu
+                else ""
+            )
         )
-    )
-    per_round = [
-        a.rate / b.rate if a.path == TLS_AUTH else b.rate / a.rate
-        for a, b in zip(loads[::2], loads[1::2], strict=False)
-    ]
-    if len(per_round) > 1:
-        print("   per round ratio (accepted/s): " + ", ".join(f"{r:.2f}" for r in per_round))
-    return tls_rate, plain_rate
+        ratios = []
+        for rnd in range(rounds):
+            mine = loads[rnd * per_round : (rnd + 1) * per_round]
+            a = next(ld for ld in mine if ld.path == path)
+            b = next(ld for ld in mine if ld.path == BARE)
+            ratios.append(a.rate / b.rate)
+        if rounds > 1:
+            print("      per round (accepted/s): " + ", ".join(f"{r:.2f}" for r in ratios))
+    return total(TLS_AUTH)[0], bare_rate
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -563,15 +579,16 @@ def main(argv: list[str]) -> int:
                 bl.log(f"{playbook}: {run.seconds:.0f} s")
             bl.log(f"tenant 'bench': login {SENDER}, network {client_ip}/32 (this machine)")
 
-            bl.section(f"Bare smtpd on {RELAY.container} port {BARE.port} (for the bench only)")
-            bl.on("relay1", "postconf", "-M", "-e", BARE_SERVICE)
+            bl.section(f"The bench's own smtpd services on {RELAY.container} (for the bench only)")
+            for service in BENCH_SERVICES:
+                bl.on("relay1", "postconf", "-M", "-e", service)
+                bl.log(service)
             bl.on("relay1", "postfix", "reload")
             time.sleep(1)
-            bl.log(BARE_SERVICE)
 
             bl.section(f"Sink: smtp-sink on {MX.container} port 25 instead of Postfix")
             sink_start()
-            for path, signatures in ((BARE, 0), (TLS_AUTH, 2)):  # one message each way
+            for path, signatures in ((BARE, 0), (NO_MILTER, 0), (TLS_AUTH, 2)):  # one each way
                 sink_clear()
                 smtp = open_session(path, tls_context())
                 smtp.sendmail(SENDER, [RECIPIENT], message(args.size, "check"))
@@ -585,7 +602,7 @@ def main(argv: list[str]) -> int:
                         f"{path.label}: {found} DKIM-Signature header(s) at the sink, not "
                         f"{signatures}"
                     )
-            bl.log("one message by each path reached the sink: 2525 unsigned, 587 signed twice")
+            bl.log("one message by each path reached the sink: 587 signed twice, the others not")
 
             bl.section(f"Session set-up: {args.probes} sequential sessions a column (ms)")
             latency_report(args)
@@ -596,7 +613,8 @@ def main(argv: list[str]) -> int:
             )
             loads: list[Load] = []
             for rnd in range(args.rounds):
-                order = (BARE, TLS_AUTH) if rnd % 2 == 0 else (TLS_AUTH, BARE)
+                shift = rnd % len(LOAD_PATHS)
+                order = LOAD_PATHS[shift:] + LOAD_PATHS[:shift]
                 for path in order:
                     load = run_load(path, args)
                     setup_ms = statistics.median(load.setup) * 1000 if load.setup else 0.0
@@ -617,7 +635,7 @@ def main(argv: list[str]) -> int:
                         )
             wait_queue_empty(timeout=30)
             bl.section("Results (same run, same relay, same onward path)")
-            report(loads)
+            report(loads, args.rounds)
     except (bl.BenchError, OSError, smtplib.SMTPException, ssl.SSLError) as exc:
         return bl.fail(f"{exc}\nrerun: {rerun}")
     except KeyboardInterrupt:
