@@ -49,6 +49,9 @@ def test_every_file_once_with_its_owner_mode_and_service():
     assert {n for n, f in files.items() if f["notify"] == "rspamd"} == {
         n for n in files if n.startswith("/etc/rspamd/")
     }
+    assert [n for n, f in files.items() if f["notify"] == "postfix"] == [
+        "/etc/postfix/smtpgw/networks.cidr"
+    ]
     assert [n for n, f in files.items() if f["check"]] == ["/etc/rspamd/local.d/dkim_signing.conf"]
 
 

@@ -9,8 +9,9 @@ and DKIM signing table. Each entry says where the file goes and how:
 - ``mode``, ``owner``, ``group``: as installed;
 - ``secret``: holds passwords or hashes (the task is ``no_log`` for it);
 - ``postmap``: a Postfix ``hash:`` table, whose database is rebuilt when it changes;
-- ``notify``: the service that must reread it when it changes (``rspamd`` or ``None``: Postfix
-  and Dovecot reread their tables themselves);
+- ``notify``: the service that must reread it when it changes (``rspamd``, ``postfix`` for the
+  cidr: table, or ``None``: Dovecot rereads its file; the hash: tables reload Postfix after their
+  postmap);
 - ``check``: the service whose configuration checker must accept it before it replaces the live
   file (``rspamd`` for its configuration; ``None`` for data files).
 
@@ -92,7 +93,8 @@ def relay_files(
         )
         for name, secret in _HASH_TABLES
     ]
-    files.append(_file(f"{where.postfix}/networks.cidr", maps["networks"]))
+    # A cidr: table is read when a process starts: only a reload of Postfix makes a new one count.
+    files.append(_file(f"{where.postfix}/networks.cidr", maps["networks"], notify="postfix"))
     files.append(
         _file(
             where.dovecot_users,

@@ -22,6 +22,7 @@ TENANT_TASKS = {
     "relay : dkim | Install the private keys",
     "relay : dkim | Remove the keys of domains and selectors that are gone",
     "relay : Reload rspamd",
+    "relay : Reload Postfix",
 }
 
 
