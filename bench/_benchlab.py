@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAB_NAME = "smtpgw-bench"
-LAB_SUBNET = "10.89.80.0/24"
+# Another name and subnet for a second checkout's bench beside a running one (each lab its lock).
+LAB_NAME = os.environ.get("SMTPGW_BENCH_LAB_NAME", "smtpgw-bench")
+LAB_SUBNET = os.environ.get("SMTPGW_BENCH_LAB_SUBNET", "10.89.80.0/24")
 
 os.environ["SMTPGW_ROOT"] = str(ROOT)
 os.environ["ANSIBLE_CONFIG"] = str(ROOT / "ansible.cfg")

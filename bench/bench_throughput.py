@@ -1,24 +1,30 @@
 #!/usr/bin/env python3
-"""Relay throughput of the deployed gateway: TLS + AUTH on 587 against plain SMTP, same run.
+"""Relay throughput of the deployed gateway: the full path on 587 against a bare Postfix, same run.
 
 Sets up a lab of its own (`smtpgw-bench`: dns1, relay1, mx1), deploys the gateway with one
 tenant (a login, and this machine's address on the lab network as its network), and replaces the
 MX's Postfix by Postfix's `smtp-sink`, so what is measured is the relay and not the MX. Then, in
-rounds that alternate the order, it sends the same number of 5 KB messages through two paths:
+rounds that rotate the order, it sends the same number of 5 KB messages through three paths:
 
-- `587 TLS+AUTH`: STARTTLS (the client's default, TLS 1.3) and a login, as applications send;
-- `25 plain`: no TLS, no login, relayed because the client is on the tenant's network.
+- `587 full`: STARTTLS (the client's default, TLS 1.3), a login, and rspamd as milter (the
+  header-From check and two DKIM signatures, RSA-2048 and Ed25519), as applications send;
+- `2525 bare`: a Postfix smtpd service the bench adds to the relay's master.cf after the
+  deployment (`postconf -M`, for the bench only): no TLS, no login, no milter, relayed because
+  the client is on the tenant's network;
+- `2587 no milter`: 587's settings (STARTTLS, AUTH) without rspamd, also added by the bench, so
+  the cost of TLS and AUTH and the cost of rspamd show apart.
 
-Both paths go through the same Postfix, the same restrictions and the same onward delivery (direct,
+All paths go through the same Postfix, the same restrictions and the same onward delivery (direct,
 MX lookup, to the sink). Each path: `--sessions` parallel sessions, each session sends
 `--per-session` messages then quits and a new one starts, until `--messages` were sent or the time
 limit passed. Reported per path: accepted messages/s (until the last one was accepted), end to end
-messages/s (until the sink had them all), CPU per message of the relay container, the sink and this
-client; and the ratio of the two paths. Before the load, sequential sessions measure where the
-set-up time of a session goes (plain 25; 587 and 465, each with TLS 1.3 and 1.2), and count the
-stalls (a ~42 ms one under TLS 1.3 was seen here).
+messages/s (until the sink had them all), CPU per message of the relay container (and of its
+rspamd processes), the sink and this client; and the ratio of each path to the bare one. Before
+the load, sequential sessions measure where the set-up time of a session goes (25 with the
+milter; 587 and 465, each with TLS 1.3 and 1.2), and count the stalls.
 
-Exits non-zero when anything fails (a message refused, one not delivered to the sink, the lab).
+Exits non-zero when anything fails (a message refused, one not delivered to the sink, a message
+of the full path that reached the sink without both signatures, the lab).
 """
 
 from __future__ import annotations
@@ -61,9 +67,23 @@ class Entry:
     login: bool
 
 
-TLS_AUTH = Entry("587 TLS+AUTH", 587, "starttls", True)
-PLAIN = Entry("25 plain", 25, "none", False)
+TLS_AUTH = Entry("587 full", 587, "starttls", True)
+BARE = Entry("2525 bare", 2525, "none", False)
+NO_MILTER = Entry("2587 no milter", 2587, "starttls", True)  # 587 without rspamd: where time goes
+PLAIN = Entry("25 plain", 25, "none", False)  # latency probe only (with the milter)
 IMPLICIT_AUTH = Entry("465 TLS+AUTH", 465, "implicit", True)  # latency probe only
+LOAD_PATHS = [BARE, TLS_AUTH, NO_MILTER]
+# The bench's own smtpd services (master.cf, added after the deployment): bare (no TLS, no SASL,
+# no milter), and 587's settings without the milter.
+BENCH_SERVICES = (
+    f"{BARE.port}/inet={BARE.port} inet n - y - - smtpd -o syslog_name=postfix/bench-bare "
+    "-o smtpd_milters= -o smtpd_tls_security_level=none -o smtpd_sasl_auth_enable=no",
+    f"{NO_MILTER.port}/inet={NO_MILTER.port} inet n - y - - smtpd "
+    "-o syslog_name=postfix/bench-nomilter -o smtpd_tls_security_level=encrypt "
+    "-o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes -o smtpd_milters= "
+    "-o smtpd_sender_restrictions="
+    "reject_non_fqdn_sender,reject_authenticated_sender_login_mismatch",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +149,7 @@ class Load:
     delivered: int = 0
     time_bounded: bool = False
     relay_cpu: float | None = None  # seconds, send + drain
+    rspamd_cpu: float = 0.0
     sink_cpu: float | None = None
     client_cpu: float = 0.0
     setup: list[float] = field(default_factory=list)  # session set-up times (s)
@@ -268,6 +289,12 @@ def sink_count() -> int:
     return int(bl.on("mx1", "sh", "-c", f"ls -U {SINK_DIR} | wc -l").strip())
 
 
+def sink_signatures() -> int:
+    """DKIM-Signature headers in the message(s) at the sink."""
+    out = bl.on("mx1", "sh", "-c", f"cat {SINK_DIR}/* | grep -ci '^DKIM-Signature:' || true")
+    return int(out.strip() or 0)
+
+
 def sink_clear() -> None:
     bl.on("mx1", "find", SINK_DIR, "-type", "f", "-delete")
 
@@ -292,6 +319,16 @@ def cpu_seconds(container: str) -> float | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def rspamd_cpu() -> float:
+    """CPU seconds used so far by the relay's rspamd processes (utime + stime, /proc)."""
+    out = bl.on("relay1", "sh", "-c", "for p in $(pgrep -x rspamd); do cat /proc/$p/stat; done")
+    ticks = 0
+    for line in out.splitlines():
+        rest = line.rsplit(")", 1)[-1].split()
+        ticks += int(rest[11]) + int(rest[12])
+    return ticks / 100.0  # USER_HZ
 
 
 def client_cpu() -> float:
@@ -327,12 +364,14 @@ def run_load(path: Entry, args: argparse.Namespace) -> Load:
     sink_clear()
     load = Load(path, args.messages)
     relay0, sink0, client0 = cpu_seconds(RELAY.container), cpu_seconds(MX.container), client_cpu()
+    rspamd0 = rspamd_cpu()
     sender = Sender(load, args.sessions, args.per_session, args.size, args.time_limit)
     sender.run()
     load.delivered, reached = wait_delivered(load.accepted, timeout=120)
     load.drained = reached - sender.started
     relay1, sink1 = cpu_seconds(RELAY.container), cpu_seconds(MX.container)
     load.client_cpu = client_cpu() - client0
+    load.rspamd_cpu = rspamd_cpu() - rspamd0
     if relay0 is not None and relay1 is not None:
         load.relay_cpu = relay1 - relay0
     if sink0 is not None and sink1 is not None:
@@ -443,21 +482,23 @@ def per_msg_ms(cpu: float | None, n: int) -> float | None:
     return None if cpu is None or not n else cpu / n * 1000
 
 
-def report(loads: list[Load]) -> tuple[float, float]:
+def report(loads: list[Load], rounds: int) -> tuple[float, float]:
     head = (
         f"{'round':>5}  {'path':<13} {'msgs':>5} {'sess':>4} {'secs':>6} {'accepted/s':>10} "
-        f"{'e2e/s':>7} {'relay CPU':>9} {'sink CPU':>8} {'client CPU':>10}"
+        f"{'e2e/s':>7} {'relay CPU':>9} {'rspamd':>7} {'sink CPU':>8} {'client CPU':>10}"
     )
     print(head)
     print(
         f"{'':>5}  {'':<13} {'':>5} {'':>4} {'':>6} {'':>10} {'':>7} {'ms/msg':>9} "
-        f"{'ms/msg':>8} {'ms/msg':>10}"
+        f"{'ms/msg':>7} {'ms/msg':>8} {'ms/msg':>10}"
     )
+    per_round = len(loads) // rounds
     for i, ld in enumerate(loads):
         print(
-            f"{i // 2 + 1:>5}  {ld.path.label:<13} {ld.accepted:>5} {ld.sessions:>4} "
+            f"{i // per_round + 1:>5}  {ld.path.label:<13} {ld.accepted:>5} {ld.sessions:>4} "
             f"{ld.seconds:>6.1f} {ld.rate:>10.1f} {ld.e2e_rate:>7.1f} "
             f"{fmt(per_msg_ms(ld.relay_cpu, ld.accepted), '9.2f'):>9} "
+            f"{fmt(per_msg_ms(ld.rspamd_cpu, ld.accepted), '7.2f'):>7} "
             f"{fmt(per_msg_ms(ld.sink_cpu, ld.accepted), '8.2f'):>8} "
             f"{per_msg_ms(ld.client_cpu, ld.accepted) or 0:>10.2f}"
             + ("  (time limit reached)" if ld.time_bounded else "")
@@ -472,28 +513,33 @@ def report(loads: list[Load]) -> tuple[float, float]:
         cpu = None if None in cpus else sum(c for c in cpus if c is not None) / n * 1000
         return rate, e2e, cpu
 
-    tls_rate, tls_e2e, tls_cpu = total(TLS_AUTH)
-    plain_rate, plain_e2e, plain_cpu = total(PLAIN)
     print()
-    print(f"   {TLS_AUTH.label:<13}: {tls_rate:7.1f} accepted/s, {tls_e2e:7.1f} end to end/s")
-    print(f"   {PLAIN.label:<13}: {plain_rate:7.1f} accepted/s, {plain_e2e:7.1f} end to end/s")
-    print(
-        f"   ratio TLS+AUTH / plain: accepted/s {tls_rate / plain_rate:.2f}, "
-        f"end to end/s {tls_e2e / plain_e2e:.2f}"
-        + (
-            f", relay CPU per message {tls_cpu / plain_cpu:.2f}x "
-            f"({tls_cpu:.2f} vs {plain_cpu:.2f} ms)"
-            if tls_cpu and plain_cpu
-            else ""
+    bare_rate, bare_e2e, bare_cpu = total(BARE)
+    for path in LOAD_PATHS:
+        rate, e2e, cpu = total(path)
+        print(f"   {path.label:<13}: {rate:7.1f} accepted/s, {e2e:7.1f} end to end/s")
+    for path in LOAD_PATHS:
+        if path == BARE:
+            continue
+        rate, e2e, cpu = total(path)
+        print(
+            f"   ratio {path.label} / bare: accepted/s {rate / bare_rate:.2f}, "
+            f"end to end/s {e2e / bare_e2e:.2f}"
+            + (
+                f", relay CPU per message {cpu / bare_cpu:.2f}x ({cpu:.2f} vs {bare_cpu:.2f} ms)"
+                if cpu and bare_cpu
+                else ""
+            )
         )
-    )
-    per_round = [
-        a.rate / b.rate if a.path == TLS_AUTH else b.rate / a.rate
-        for a, b in zip(loads[::2], loads[1::2], strict=False)
-    ]
-    if len(per_round) > 1:
-        print("   per round ratio (accepted/s): " + ", ".join(f"{r:.2f}" for r in per_round))
-    return tls_rate, plain_rate
+        ratios = []
+        for rnd in range(rounds):
+            mine = loads[rnd * per_round : (rnd + 1) * per_round]
+            a = next(ld for ld in mine if ld.path == path)
+            b = next(ld for ld in mine if ld.path == BARE)
+            ratios.append(a.rate / b.rate)
+        if rounds > 1:
+            print("      per round (accepted/s): " + ", ".join(f"{r:.2f}" for r in ratios))
+    return total(TLS_AUTH)[0], bare_rate
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -519,7 +565,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     rerun = bl.rerun_command("bench_throughput.py", argv)
-    print(f"smtpgw bench: relay throughput, TLS+AUTH on 587 against plain on 25\nrerun: {rerun}")
+    print(
+        f"smtpgw bench: relay throughput, the full path on 587 against a bare smtpd\nrerun: {rerun}"
+    )
     print(f"source: {bl.source_version()}")
     started = time.monotonic()
     try:
@@ -532,9 +580,16 @@ def main(argv: list[str]) -> int:
                 bl.log(f"{playbook}: {run.seconds:.0f} s")
             bl.log(f"tenant 'bench': login {SENDER}, network {client_ip}/32 (this machine)")
 
+            bl.section(f"The bench's own smtpd services on {RELAY.container} (for the bench only)")
+            for service in BENCH_SERVICES:
+                bl.on("relay1", "postconf", "-M", "-e", service)
+                bl.log(service)
+            bl.on("relay1", "postfix", "reload")
+            time.sleep(1)
+
             bl.section(f"Sink: smtp-sink on {MX.container} port 25 instead of Postfix")
             sink_start()
-            for path in (PLAIN, TLS_AUTH):  # one message each way, checked at the sink
+            for path, signatures in ((BARE, 0), (NO_MILTER, 0), (TLS_AUTH, 2)):  # one each way
                 sink_clear()
                 smtp = open_session(path, tls_context())
                 smtp.sendmail(SENDER, [RECIPIENT], message(args.size, "check"))
@@ -542,7 +597,13 @@ def main(argv: list[str]) -> int:
                 got, _ = wait_delivered(1, timeout=30)
                 if got != 1:
                     raise bl.BenchError(f"{path.label}: the test message never reached the sink")
-            bl.log("one message by each path reached the sink through the relay")
+                found = sink_signatures()
+                if found != signatures:
+                    raise bl.BenchError(
+                        f"{path.label}: {found} DKIM-Signature header(s) at the sink, not "
+                        f"{signatures}"
+                    )
+            bl.log("one message by each path reached the sink: 587 signed twice, the others not")
 
             bl.section(f"Session set-up: {args.probes} sequential sessions a column (ms)")
             latency_report(args)
@@ -553,7 +614,8 @@ def main(argv: list[str]) -> int:
             )
             loads: list[Load] = []
             for rnd in range(args.rounds):
-                order = (PLAIN, TLS_AUTH) if rnd % 2 == 0 else (TLS_AUTH, PLAIN)
+                shift = rnd % len(LOAD_PATHS)
+                order = LOAD_PATHS[shift:] + LOAD_PATHS[:shift]
                 for path in order:
                     load = run_load(path, args)
                     setup_ms = statistics.median(load.setup) * 1000 if load.setup else 0.0
@@ -574,7 +636,7 @@ def main(argv: list[str]) -> int:
                         )
             wait_queue_empty(timeout=30)
             bl.section("Results (same run, same relay, same onward path)")
-            report(loads)
+            report(loads, args.rounds)
     except (bl.BenchError, OSError, smtplib.SMTPException, ssl.SSLError) as exc:
         return bl.fail(f"{exc}\nrerun: {rerun}")
     except KeyboardInterrupt:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from ansible.errors import AnsibleFilterError
 
 # The project's Python package, through this collection (plugins/module_utils/smtpgw is src/smtpgw).
+from ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw import dkim_keys as _dkim
 from ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw import postfix_maps as _maps
+from ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw import relay_files as _files
 
 
 def smtpgw_postfix_maps(tenants, smarthosts, route="direct"):
@@ -14,6 +16,19 @@ def smtpgw_postfix_maps(tenants, smarthosts, route="direct"):
         return _maps.postfix_maps(tenants, smarthosts, route)
     except _maps.RouteError as exc:
         raise AnsibleFilterError(str(exc)) from exc
+
+
+def smtpgw_relay_files(tenants, smarthosts, route="direct", selectors=None, paths=None):
+    """Every tenant-derived file of the relay: see smtpgw.relay_files.relay_files."""
+    try:
+        return _files.relay_files(tenants, smarthosts, route, selectors, paths)
+    except (_maps.RouteError, _dkim.KeyProblem) as exc:
+        raise AnsibleFilterError(str(exc)) from exc
+
+
+def smtpgw_signing_domains(tenants):
+    """Every domain the relay signs for, sorted."""
+    return _files.signing_domains(tenants)
 
 
 def smtpgw_default_transport(route, smarthosts):
@@ -29,4 +44,6 @@ class FilterModule:
         return {
             "smtpgw_postfix_maps": smtpgw_postfix_maps,
             "smtpgw_default_transport": smtpgw_default_transport,
+            "smtpgw_relay_files": smtpgw_relay_files,
+            "smtpgw_signing_domains": smtpgw_signing_domains,
         }
