@@ -7,11 +7,14 @@ export CONTAINERS_CONF := $(ROOT)/.lab/containers.conf
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 export MOLECULE_GLOB := molecule/*/molecule.yml
 # Scenarios `make test` runs, in order.
-SCENARIOS ?= default gateway lab_upstream lab_dns
+SCENARIOS ?= gateway lab_upstream lab_dns
+# The lab `make test` runs the demo in: beside the user's smtpgw-lab, never it.
+DEMO_CHECK_LAB := smtpgw-democheck
+DEMO_CHECK_SUBNET := 10.89.59.0/24
 # The checkout as the collection smtpgw.gateway, on the collections path ansible.cfg names.
 COLLECTION_LINK := .lab/collections/ansible_collections/smtpgw/gateway
 
-.PHONY: setup demo test lint unit molecule bench lab-up lab-down lab-status clean
+.PHONY: setup demo demo-check test lint unit molecule bench lab-up lab-down lab-status clean
 
 # A relative link (../../../.. is the checkout), so a moved or copied checkout keeps working.
 $(COLLECTION_LINK):
@@ -23,7 +26,14 @@ setup:  ## install everything and build the lab image (safe to repeat)
 demo: setup  ## set up, then run the main job on the local lab
 	@scripts/demo.sh
 
-test: setup lint unit molecule  ## everything CI runs
+test: setup lint unit demo-check molecule  ## everything CI runs
+
+# The README's first command, as a newcomer runs it, in a lab of its own that is removed after.
+demo-check: | $(COLLECTION_LINK)
+	@export SMTPGW_LAB_NAME=$(DEMO_CHECK_LAB) SMTPGW_LAB_SUBNET=$(DEMO_CHECK_SUBNET); \
+	  trap 'smtpgw lab down >/dev/null; rm -rf .lab/$(DEMO_CHECK_LAB)' EXIT; \
+	  smtpgw lab down >/dev/null; rm -rf .lab/$(DEMO_CHECK_LAB); \
+	  scripts/demo.sh
 
 lint: | $(COLLECTION_LINK)
 	yamllint --strict .

@@ -2,6 +2,11 @@
 # The main job, on the local lab: start the lab hosts, deploy the gateway with the example tenants,
 # send mail through it (a login on 587, a login on 465 routed via the smart host, a device on the
 # tenant's network on 25) and show each message arrive at the recipients' MX.
+#
+# The lab is the user's (`smtpgw-lab`, inventory inventories/lab) unless SMTPGW_LAB_NAME and
+# SMTPGW_LAB_SUBNET name another: `make test` runs this script in a lab of its own that way. Another
+# lab's inventory is .lab/NAME/ (the hosts.yml `smtpgw lab up` writes, the lab inventory's
+# group_vars and tenants linked, its own CA and DKIM keys), so it never touches the user's lab.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -11,20 +16,34 @@ source scripts/env.sh
 
 step() { printf '\n== %s\n' "$*"; }
 
+lab_name=${SMTPGW_LAB_NAME:-smtpgw-lab}
+playbook_args=()
+tenants=inventories/lab
+pki=.lab/pki
+if [[ $lab_name != smtpgw-lab ]]; then
+    inventory=.lab/$lab_name
+    mkdir -p "$inventory"
+    ln -sfn ../../inventories/lab/group_vars "$inventory/group_vars"
+    ln -sfn ../../inventories/lab/tenants "$inventory/tenants"
+    pki=$inventory/pki
+    playbook_args=(-i "$inventory/hosts.yml" -e "lab_pki_dir=$root/$pki")
+    tenants=$inventory
+fi
+
 step "Lab hosts"
 smtpgw lab up
 
 step "Lab services: CA, DNS, receiving MX, smart host (playbooks/lab.yml)"
-ansible-playbook playbooks/lab.yml
+ansible-playbook "${playbook_args[@]}" playbooks/lab.yml
 
 step "Tenants (smtpgw tenants check)"
-smtpgw tenants check inventories/lab --smarthost upstream1
+smtpgw tenants check "$tenants" --smarthost upstream1
 
 step "The gateway (playbooks/site.yml)"
-ansible-playbook playbooks/site.yml
+ansible-playbook "${playbook_args[@]}" playbooks/site.yml
 
-relay=$(python3 -c 'from smtpgw import lab; print(lab.HOSTS["relay1"].ip)')
-tls=(--server "$relay" --server-name relay1.lab.test --ca .lab/pki/ca.crt)
+relay=$(python3 -c 'from smtpgw import lab; print(lab.Lab.from_env().ip("relay1"))')
+tls=(--server "$relay" --server-name relay1.lab.test --ca "$pki/ca.crt")
 
 step "Mail from a login, STARTTLS on 587, delivered direct to the recipient's MX"
 SMTPGW_PASSWORD=lab-acme-scanner-pw smtpgw send "${tls[@]}" --port 587 \
@@ -36,7 +55,7 @@ SMTPGW_PASSWORD=lab-globex-billing-pw smtpgw send "${tls[@]}" --port 465 --tls i
 
 step "Mail from a device on acme's network (this machine), port 25, no login"
 smtpgw send --server "$relay" --port 25 --tls starttls --server-name relay1.lab.test \
-    --ca .lab/pki/ca.crt --from scanner@acme.test --to carol@dest.test --expect-on mx1
+    --ca "$pki/ca.crt" --from scanner@acme.test --to carol@dest.test --expect-on mx1
 
 step "Lab status"
 smtpgw lab status

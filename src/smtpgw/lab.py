@@ -301,7 +301,15 @@ class Lab:
                     "lab_ip": self.planned_ip(host),
                     "lab_fqdn": host.fqdn,
                 }
-        return {"all": {"children": {"lab": {"children": groups}}}}
+        # This machine on the lab network (podman's gateway, the subnet's first address): where
+        # the lab's own examples (acme's "office scanner" network) and the tests send from.
+        machine = str(ipaddress.ip_network(self.subnet)[1])
+        return {
+            "all": {
+                "vars": {"lab_machine_ip": machine},
+                "children": {"lab": {"children": groups}},
+            }
+        }
 
     def inventory_path(self) -> Path:
         assert self.root is not None
