@@ -34,7 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 COLLECTION = "smtpgw.gateway"
 MODULE_UTILS = "ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw"
 # What the action and the filter import of the package.
-MODULES = {"tenant_schema", "tenant_files", "password_cache", "passwords", "postfix_maps"}
+MODULES = {
+    "tenant_schema",
+    "tenant_files",
+    "password_cache",
+    "passwords",
+    "postfix_maps",
+    "presets",
+}
 LAB_NAME = "smtpgw-coll"
 LAB_SUBNET = "10.89.85.0/24"
 RELAY_IP = "10.89.85.11"  # relay1 is .11 in every lab (smtpgw.lab.HOSTS)
