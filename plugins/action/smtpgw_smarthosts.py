@@ -16,7 +16,7 @@ description:
   - Presets are the YAML files in the collection's C(templates/providers/), then in each of
     O(presets_dirs) (a later file of the same name wins).
   - Refuses an unknown preset, a field neither a smart host nor a preset has, a missing host,
-    region, username or password, and C(auth: oauth2) (the relay cannot speak XOAUTH2 yet),
+    region, username or password, and an C(auth) of C(oauth2) (the relay cannot speak XOAUTH2 yet),
     each error naming the smart host, the field and what to do, and the presets that exist.
   - Runs on the controller only; it never connects to the target host. A successful result
     holds the smart hosts' passwords and is hidden as with C(no_log); a failure is shown in
