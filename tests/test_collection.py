@@ -235,9 +235,14 @@ ACTION_PLAYBOOK = """\
         path: bad
       register: bad
       ignore_errors: true
+    - name: Resolve a smart host with a preset the collection carries
+      smtpgw.gateway.smtpgw_smarthosts:
+        smarthosts:
+          - {name: m365, preset: m365, username: relay@example.com, password: a-password-12}
+      register: hosts
     - name: Save the results
       ansible.builtin.copy:
-        content: "{{ {'good': good, 'bad': bad, 'maps': maps} | to_json }}"
+        content: "{{ {'good': good, 'bad': bad, 'maps': maps, 'hosts': hosts.smarthosts} | to_json }}"
         dest: "{{ playbook_dir }}/result.json"
         mode: "0600"
       vars:
@@ -278,6 +283,10 @@ def test_action_and_filter_by_fqcn_outside_the_checkout(installed, tmp_path):
     assert acme["users"][0]["password_hash"].startswith("{SHA512-CRYPT}$6$")
     assert PASSWORD not in json.dumps(good)
     assert any("scanner@acme.test" in line for line in result["maps"]["sender_logins"])
+
+    assert [(h["host"], h["port"], h["tls"]) for h in result["hosts"]] == [
+        ("smtp.office365.com", 587, "starttls")
+    ]
 
     bad = result["bad"]
     assert bad.get("failed") is True and "tenants" not in bad
