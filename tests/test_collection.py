@@ -242,11 +242,12 @@ ACTION_PLAYBOOK = """\
       register: hosts
     - name: Save the results
       ansible.builtin.copy:
-        content: "{{ {'good': good, 'bad': bad, 'maps': maps, 'hosts': hosts.smarthosts} | to_json }}"
+        content: "{{ {'good': good, 'bad': bad, 'maps': maps, 'hosts': found} | to_json }}"
         dest: "{{ playbook_dir }}/result.json"
         mode: "0600"
       vars:
         maps: "{{ good.tenants[:1] | smtpgw.gateway.smtpgw_postfix_maps([]) }}"
+        found: "{{ hosts.smarthosts }}"
 """
 
 
