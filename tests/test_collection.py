@@ -34,7 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 COLLECTION = "smtpgw.gateway"
 MODULE_UTILS = "ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw"
 # What the action and the filter import of the package.
-MODULES = {"tenant_schema", "tenant_files", "password_cache", "passwords", "postfix_maps"}
+MODULES = {
+    "tenant_schema",
+    "tenant_files",
+    "password_cache",
+    "passwords",
+    "postfix_maps",
+    "presets",
+}
 LAB_NAME = "smtpgw-coll"
 LAB_SUBNET = "10.89.85.0/24"
 RELAY_IP = "10.89.85.11"  # relay1 is .11 in every lab (smtpgw.lab.HOSTS)
@@ -228,13 +235,19 @@ ACTION_PLAYBOOK = """\
         path: bad
       register: bad
       ignore_errors: true
+    - name: Resolve a smart host with a preset the collection carries
+      smtpgw.gateway.smtpgw_smarthosts:
+        smarthosts:
+          - {name: m365, preset: m365, username: relay@example.com, password: a-password-12}
+      register: hosts
     - name: Save the results
       ansible.builtin.copy:
-        content: "{{ {'good': good, 'bad': bad, 'maps': maps} | to_json }}"
+        content: "{{ {'good': good, 'bad': bad, 'maps': maps, 'hosts': found} | to_json }}"
         dest: "{{ playbook_dir }}/result.json"
         mode: "0600"
       vars:
         maps: "{{ good.tenants[:1] | smtpgw.gateway.smtpgw_postfix_maps([]) }}"
+        found: "{{ hosts.smarthosts }}"
 """
 
 
@@ -271,6 +284,10 @@ def test_action_and_filter_by_fqcn_outside_the_checkout(installed, tmp_path):
     assert acme["users"][0]["password_hash"].startswith("{SHA512-CRYPT}$6$")
     assert PASSWORD not in json.dumps(good)
     assert any("scanner@acme.test" in line for line in result["maps"]["sender_logins"])
+
+    assert [(h["host"], h["port"], h["tls"]) for h in result["hosts"]] == [
+        ("smtp.office365.com", 587, "starttls")
+    ]
 
     bad = result["bad"]
     assert bad.get("failed") is True and "tenants" not in bad

@@ -46,9 +46,12 @@ options:
     required: true
   smarthosts:
     description:
-      - Names of the known smart hosts. A tenant's C(relay.via) must be C(direct) or one of these.
+      - The known smart hosts, by name, or as the C(smtpgw_smarthosts) action returns them
+        (resolved with their presets). A tenant's C(relay.via) must be C(direct) or one of these.
+      - A resolved smart host's C(limits) fill the limits that a tenant routed through it
+        (C(relay.via)) does not set.
     type: list
-    elements: str
+    elements: raw
     default: []
   salt_key:
     description:
@@ -186,7 +189,7 @@ from ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw import (
 
 ARGUMENT_SPEC = {
     "path": {"type": "path", "required": True},
-    "smarthosts": {"type": "list", "elements": "str", "default": []},
+    "smarthosts": {"type": "list", "elements": "raw", "default": []},
     "salt_key": {"type": "str", "default": "smtpgw"},
     "password_cache": {"type": "bool", "default": True},
     "password_cache_dir": {"type": "path", "default": None},
@@ -223,7 +226,7 @@ class ActionModule(ActionBase):
             shown = os.path.join(shown_dir, file.name)
             raw[shown] = self._load(file, directory, templar)
 
-        outcome = tenant_schema.validate_tenants(raw, smarthosts=args["smarthosts"])
+        outcome = tenant_schema.validate_tenants(raw, smarthosts=_smarthosts(args["smarthosts"]))
         if outcome.errors:
             result.update(failed=True, msg="\n".join(outcome.errors))
             return result
@@ -254,6 +257,14 @@ class ActionModule(ActionBase):
         if problem:
             return tenant_schema.Unresolved(problem)
         return _render(templar, data, "")
+
+
+def _smarthosts(given: list[Any]) -> dict[str, Any]:
+    """Smart hosts by name: a resolved one (a dict) as it is, a bare name with nothing known."""
+    return {
+        str(h["name"]) if isinstance(h, dict) else str(h): h if isinstance(h, dict) else None
+        for h in given
+    }
 
 
 def _cache(args: dict[str, Any]) -> Any:

@@ -68,6 +68,66 @@ def cmd_tenants_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tenants_new(args: argparse.Namespace) -> int:
+    """A tenant file from the template, its password into the vault file; nothing on refusal."""
+    from smtpgw import tenant_new
+
+    inventory = Path(args.inventory)
+    try:
+        plan = tenant_new.plan_tenant(
+            inventory,
+            args.name,
+            args.domain or [],
+            preset=args.preset,
+            networks=args.network or [],
+            login=args.login,
+            vault_file=Path(args.vault_file) if args.vault_file else None,
+            vault_password_file=Path(args.vault_password_file)
+            if args.vault_password_file
+            else None,
+        )
+        tenant_new.create_tenant(
+            plan, Path(args.vault_password_file) if args.vault_password_file else None
+        )
+    except tenant_new.NewTenantError as exc:
+        for error in exc.errors:
+            print(f"smtpgw: {error}", file=sys.stderr)
+        print("nothing written", file=sys.stderr)
+        return 1
+    print(f"{plan.tenant_file}: tenant {plan.name} (login {plan.login})")
+    print(f"{plan.vault_file}: its password as {plan.vault_var}")
+    if plan.vault_note:
+        print(plan.vault_note)
+    if args.show_password:
+        print(f"password: {plan.password}")
+    print("deploy it: ansible-playbook playbooks/site.yml (with this inventory)")
+    return 0
+
+
+def _add_tenants_new(ten_sub: argparse._SubParsersAction) -> None:
+    p_new = ten_sub.add_parser(
+        "new", help="write a tenant file from templates/tenant.yml.j2, its password into the vault"
+    )
+    p_new.add_argument("name", help="the tenant's name ([a-z0-9-])")
+    p_new.add_argument("--domain", action="append", required=True, help="a domain (repeat)")
+    p_new.add_argument(
+        "--preset", help="route through the inventory's smart host that uses this provider preset"
+    )
+    p_new.add_argument("--network", action="append", help="a device network, CIDR (repeat)")
+    p_new.add_argument("--login", help="the SASL login (default app@DOMAIN)")
+    p_new.add_argument("--inventory", default="inventories/lab", help="the inventory")
+    p_new.add_argument(
+        "--vault-file", help="where the password goes (default INVENTORY/group_vars/all/vault.yml)"
+    )
+    p_new.add_argument(
+        "--vault-password-file",
+        help="ansible-vault password file (default $ANSIBLE_VAULT_PASSWORD_FILE): an encrypted "
+        "vault file is decrypted, extended and encrypted again; a new one is made encrypted",
+    )
+    p_new.add_argument("--show-password", action="store_true", help="print the new password")
+    p_new.set_defaults(func=cmd_tenants_new)
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     import os
     import smtplib
@@ -145,6 +205,7 @@ def parser() -> argparse.ArgumentParser:
         "relay_smarthosts (group_vars/, host_vars/) are read too",
     )
     p_check.set_defaults(func=cmd_tenants_check)
+    _add_tenants_new(ten_sub)
     return p
 
 

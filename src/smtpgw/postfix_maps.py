@@ -21,11 +21,33 @@ def nexthop(smarthost: Mapping[str, Any]) -> str:
     return f"[{smarthost['host']}]:{int(smarthost.get('port') or 587)}"
 
 
+#: master.cf transport by (TLS mode, whether the relay presents its client certificate).
+TRANSPORTS = {
+    ("starttls", False): "smtp",
+    ("implicit", False): "smtps",
+    ("starttls", True): "smtpcert",
+    ("implicit", True): "smtpscert",
+}
+
+
+def tls_mode(smarthost: Mapping[str, Any]) -> str:
+    """`starttls` or `implicit`: as given, else implicit on port 465 only."""
+    mode = smarthost.get("tls")
+    if mode:
+        return str(mode)
+    return "implicit" if int(smarthost.get("port") or 587) == 465 else "starttls"
+
+
 def transport(smarthost: Mapping[str, Any] | None) -> str:
-    """The `transport:nexthop` that reaches a smart host (or the MX, for None)."""
+    """The `transport:nexthop` that reaches a smart host (or the MX, for None).
+
+    Implicit TLS (`tls: implicit`) goes through `smtps` (TLS from the first byte); a smart host
+    that knows the relay by its certificate (`auth: certificate`) through `smtpcert`/`smtpscert`,
+    which present the relay's own certificate (roles/relay master.cf).
+    """
     if smarthost is None:
         return "smtp:"
-    name = "smtps" if int(smarthost.get("port") or 587) == 465 else "smtp"
+    name = TRANSPORTS[(tls_mode(smarthost), smarthost.get("auth") == "certificate")]
     return f"{name}:{nexthop(smarthost)}"
 
 
@@ -65,7 +87,8 @@ def postfix_maps(
     - sender_logins: `@domain login,...` - who may use a domain as envelope sender.
     - networks: `cidr OK` - who may relay without a login (a cidr: table).
     - sender_transport: `@domain transport:nexthop` for tenants routed unlike the relay.
-    - sasl_passwd: credentials at smart hosts, by sender domain and by next hop.
+    - sasl_passwd: credentials at smart hosts that take a login (`auth: login`), by sender
+      domain and by next hop.
     - tls_policy: every smart host is reached over verified (or at least encrypted) TLS.
     """
     hosts = _by_name(smarthosts)
@@ -87,15 +110,20 @@ def postfix_maps(
         host = _lookup(hosts, name, f"tenant {tenant['name']}: relay.via")
         if host is not default_host:
             maps["sender_transport"] += [f"@{d} {transport(host)}" for d in domains]
-        if host is not None and host.get("username"):
+        if host is not None and _logs_in(host):
             maps["sasl_passwd"] += [f"@{d} {_credentials(host)}" for d in domains]
     for host in sorted(hosts.values(), key=lambda h: str(h["name"])):
-        if host.get("username"):
+        if _logs_in(host):
             maps["sasl_passwd"].append(f"{nexthop(host)} {_credentials(host)}")
         level = "secure match=hostname" if host.get("tls_verify", True) else "encrypt"
         maps["tls_policy"].append(f"{nexthop(host)} {level}")
     maps["tls_policy"] = sorted(set(maps["tls_policy"]))
     return maps
+
+
+def _logs_in(host: Mapping[str, Any]) -> bool:
+    """A login at the smart host: `auth: login` (or no auth given) and a username."""
+    return host.get("auth", "login") == "login" and bool(host.get("username"))
 
 
 def _credentials(host: Mapping[str, Any]) -> str:

@@ -37,6 +37,7 @@ __all__ = [
     "check_dir",
     "check_inventory",
     "file_problem",
+    "inventory_smarthost_hosts",
     "inventory_smarthosts",
     "is_vaulted",
     "list_tenant_files",
@@ -322,10 +323,45 @@ def _vars_files(inventory: Path) -> Iterable[Path]:
 def check_inventory(inventory: Path, smarthosts: Collection[str] = ()) -> Result:
     """:func:`check_dir` on ``inventory/tenants``, with the inventory's own smart hosts.
 
-    ``smarthosts`` are extra names (e.g. defined outside the inventory's vars files).
+    ``smarthosts`` are extra names (e.g. defined outside the inventory's vars files). The
+    inventory's literal ``relay_smarthosts`` are resolved with the presets
+    (:func:`inventory_smarthost_hosts`): their errors are the result's too, and their
+    documented limits fill the limits of the tenants routed through them.
     """
     found = inventory_smarthosts(inventory)
-    known = None if found.names is None else sorted({*found.names, *smarthosts})
+    hosts, host_errors = inventory_smarthost_hosts(inventory)
+    known: Collection[str] | None = None
+    if found.names is not None:
+        known = {name: hosts.get(name) for name in sorted({*found.names, *smarthosts})}
     result = check_dir(inventory / "tenants", smarthosts=known)
     result.notes[:0] = found.notes
+    if host_errors:
+        result.errors[:0] = host_errors
+        result.tenants, result.removed = [], []
     return result
+
+
+def inventory_smarthost_hosts(inventory: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The inventory's literal ``relay_smarthosts``, resolved with its presets, by name.
+
+    Lists that cannot be read literally (Jinja in a name, vault) are left out, as in
+    :func:`inventory_smarthosts`; values written as Jinja (a vaulted password) stay as written.
+    """
+    from .presets import load_presets, presets_dirs, resolve_smarthosts
+
+    presets = load_presets(presets_dirs(inventory))
+    hosts: dict[str, dict[str, Any]] = {}
+    errors = list(presets.errors)
+    for file in _vars_files(inventory):
+        if is_vaulted(file):
+            continue
+        data = load_tenant_file(file)
+        if not isinstance(data, dict) or not isinstance(data.get("relay_smarthosts"), list):
+            continue
+        entries = data["relay_smarthosts"]
+        if any(not isinstance(e, dict) or is_template(e.get("name")) for e in entries):
+            continue
+        resolved = resolve_smarthosts(entries, presets.by_name, where=str(file))
+        errors += resolved.errors
+        hosts.update({h["name"]: h for h in resolved.smarthosts})
+    return hosts, errors

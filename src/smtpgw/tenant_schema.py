@@ -379,10 +379,12 @@ def validate_tenants(
 
     ``raw`` maps the file name to show in messages to the parsed content of that file
     (or an :class:`Unresolved` when it could not be read). ``smarthosts`` lists the known
-    smart hosts for ``relay.via``; ``None`` skips that check. ``templated`` says whether the
-    values went through Ansible's templating: when false (checks without Ansible), a Jinja
-    expression in a field that may hold one, or a ``!vault`` value, is parsed but left
-    unchecked (``password_hash: None`` and no password for such a user).
+    smart hosts for ``relay.via``; ``None`` skips that check. Given as a mapping of names to
+    resolved smart hosts (``smtpgw.presets.resolve_smarthosts``), their documented ``limits``
+    fill the limits a tenant routed through one (``relay.via``) does not write. ``templated``
+    says whether the values went through Ansible's templating: when false (checks without
+    Ansible), a Jinja expression in a field that may hold one, or a ``!vault`` value, is parsed
+    but left unchecked (``password_hash: None`` and no password for such a user).
     """
     errors: list[str] = []
     present: list[_Tenant] = []
@@ -467,6 +469,7 @@ def _check_file(
         "limits": _check_limits(check, data.get("limits")),
         "relay": _check_relay(check, data.get("relay"), smarthosts),
     }
+    _smarthost_limits(tenant, data.get("limits"), smarthosts)
     if name is None:
         return check, None, None
     found = _Tenant(file, name, tenant, domain_paths, login_paths, parsed, counts)
@@ -984,6 +987,25 @@ def _check_relay(
         check.error("relay.via", f"unknown smart host '{via}'", fix)
         return relay
     return {"via": str(via)}
+
+
+def _smarthost_limits(
+    tenant: dict[str, Any], written: object, smarthosts: Collection[str] | None
+) -> None:
+    """A limit the tenant does not write comes from its smart host's documented limits.
+
+    ``smarthosts`` maps names to resolved smart hosts (``smtpgw.presets``) when their limits
+    are known; a plain collection of names carries none. Only a tenant that names its smart
+    host in ``relay.via`` gets them (the relay's own route is not known here).
+    """
+    via = tenant["relay"].get("via")
+    if not isinstance(smarthosts, Mapping) or via not in smarthosts:
+        return
+    host = smarthosts[via]
+    given = written if isinstance(written, Mapping) else {}
+    for key, value in ((host or {}).get("limits") or {}).items():
+        if key in LIMIT_FIELDS and given.get(key) is None:
+            tenant["limits"][key] = value
 
 
 def _cross_tenant_errors(tenants: list[_Tenant]) -> list[str]:

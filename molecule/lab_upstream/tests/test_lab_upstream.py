@@ -1,7 +1,9 @@
-"""lab_upstream, verified from the host over SMTP, the way a relay meets Microsoft 365 on 587.
+"""lab_upstream, verified from the host over SMTP, the way a relay meets a provider's doors.
 
-STARTTLS first (TLS 1.2 or later, a certificate from the lab CA), then AUTH, then relay; the mail
-arrives at mx1 with the login in a Received header.
+587: STARTTLS first (TLS 1.2 or later, a certificate from the lab CA), then AUTH, then relay; the
+mail arrives at mx1 with the login in a Received header. 465: the same with implicit TLS. 25: TLS
+and a client certificate from the lab CA that upstream1 knows (no login), like a Microsoft 365
+connector; no certificate, or one it does not know, is refused.
 """
 
 from __future__ import annotations
@@ -75,9 +77,83 @@ def secured(smtp, tls):
     return smtp
 
 
-def test_port_25_is_closed(ips):
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection((ips[UPSTREAM], 25), timeout=10).close()
+def client_tls(tls: ssl.SSLContext, pki: Path, name: str | None) -> ssl.SSLContext:
+    """The lab-CA client context, presenting the certificate of lab name ``name`` (if any)."""
+    if name:
+        tls.load_cert_chain(pki / f"{name}.crt", pki / f"{name}.key")
+    return tls
+
+
+def arrived(lab_host, token: str) -> str:
+    """The headers of the message with ``token`` at mx1, waiting up to 30 s for it."""
+    mx = lab_host(MX)
+    deadline = time.monotonic() + 30
+    found = mx.run("grep -rl %s %s", token, MAILDIR)
+    while found.rc != 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        found = mx.run("grep -rl %s %s", token, MAILDIR)
+    assert found.rc == 0, "the message did not arrive at mx1"
+    message = mx.file(found.stdout.split()[0]).content_string
+    assert f"body {token}" in message
+    return message.split("\n\n", 1)[0].replace("\n\t", " ")
+
+
+def message(sender: str, token: str) -> str:
+    return f"From: {sender}\r\nTo: someone@dest.test\r\nSubject: {token}\r\n\r\nbody {token}\r\n"
+
+
+@pytest.fixture
+def pki(upstream_vars) -> Path:
+    return Path(upstream_vars["lab_pki_dir"])
+
+
+def test_25_refuses_a_client_without_a_certificate(ips, fqdn, tls):
+    with LabSMTP(fqdn, ips[UPSTREAM], 25) as smtp:
+        smtp.ehlo()
+        assert not smtp.has_extn("auth")
+        smtp.starttls(context=tls)
+        code, said = smtp.ehlo()
+    assert (code, said) == (421, f"4.7.1 {fqdn} Error: No client certificate presented".encode())
+
+
+def test_25_refuses_a_certificate_it_does_not_know(ips, fqdn, tls, pki):
+    with LabSMTP(fqdn, ips[UPSTREAM], 25) as smtp:
+        smtp.starttls(context=client_tls(tls, pki, "stranger.lab.test"))
+        smtp.ehlo()
+        assert smtp.mail("sender@acme.test")[0] == 250
+        code, said = smtp.rcpt("someone@dest.test")
+    assert code == 554 and b"Access denied" in said, said
+
+
+def test_25_relays_for_its_known_certificate_without_a_login(ips, fqdn, tls, pki, lab_host):
+    token = uuid.uuid4().hex
+    with LabSMTP(fqdn, ips[UPSTREAM], 25) as smtp:
+        smtp.starttls(context=client_tls(tls, pki, "client.lab.test"))
+        smtp.ehlo()
+        assert not smtp.has_extn("auth")
+        smtp.sendmail("sender@acme.test", ["someone@dest.test"], message("sender@acme.test", token))
+    headers = arrived(lab_host, token)
+    assert '(Client CN "client.lab.test", Issuer "smtpgw lab CA" (verified OK))' in headers
+    assert f"by {fqdn} (Postfix) with ESMTPS id" in headers
+    assert "Authenticated sender" not in headers
+
+
+def test_465_implicit_tls_then_auth_relays(ips, fqdn, tls, users, lab_host):
+    user = users[0]
+    token = uuid.uuid4().hex
+
+    class LabSMTPS(smtplib.SMTP_SSL):
+        def _get_socket(self, host, port, timeout):
+            return super()._get_socket(ips[UPSTREAM], port, timeout)
+
+    with LabSMTPS(fqdn, 465, local_hostname="tester.test", timeout=30, context=tls) as smtp:
+        assert smtp.sock.version() in ("TLSv1.2", "TLSv1.3")
+        smtp.ehlo()
+        smtp.login(user["login"], user["password"])
+        smtp.sendmail(user["login"], ["someone@dest.test"], message(user["login"], token))
+    headers = arrived(lab_host, token)
+    assert f"(Authenticated sender: {user['login']})" in headers
+    assert f"by {fqdn} (Postfix) with ESMTPSA id" in headers
 
 
 def test_no_auth_and_no_mail_before_starttls(smtp):

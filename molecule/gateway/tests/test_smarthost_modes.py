@@ -1,0 +1,115 @@
+"""Smart hosts through each door a provider offers, as the lab's upstream1 offers them: 587
+with STARTTLS and a login (the m365 preset), 465 with implicit TLS and a login, and 25 with TLS
+and no login, where upstream1 recognises the relay by its client certificate (the m365-connector
+preset with auth: certificate). Each tenant of this scenario routes through one (tenants/), and
+the relay verifies upstream1's certificate against the smart host's name; under a name the
+certificate does not carry (upstream1-wrongname) the mail waits in the queue and says why.
+And a tenant that `smtpgw tenants new` writes deploys and relays."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from gwlab import ROOT, SCENARIO, run_site
+
+from smtpgw import cli
+from smtpgw.smtpclient import send
+
+# tenant login, its smart host's port, the relay's transport (master.cf), how upstream1 took it
+DOORS = {
+    "587-starttls-login": ("billing@globex.test", "lab-globex-billing-pw", 587, "smtp", "ESMTPSA"),
+    "465-implicit-login": ("app@umbrella.test", "lab-umbrella-app-pw", 465, "smtps", "ESMTPSA"),
+    "25-certificate": ("app@soylent.test", "lab-soylent-app-pw", 25, "smtpcert", "ESMTPS"),
+}
+
+
+def headers(message: str) -> str:
+    return message.replace("\r\n", "\n").split("\n\n", 1)[0].replace("\n\t", " ")
+
+
+def relay_journal(lab) -> list[str]:
+    """The relay's recent log lines (the journal)."""
+    return lab.exec("relay1", "journalctl", "--no-pager", "--since", "-10min").splitlines()
+
+
+@pytest.mark.parametrize("door", sorted(DOORS))
+def test_mail_goes_through_each_door_with_the_name_verified(lab, door):
+    login, password, port, transport, received_with = DOORS[door]
+    token = send(lab.submission(login, password), login, "doors@dest.test")
+    text = headers(lab.find_mail(token))
+    hops = [h for h in text.split("\n") if h.startswith("Received:")]
+    # mx1 got it from upstream1, which got it from relay1.
+    assert hops[0].startswith("Received: from upstream1.lab.test") and "by mx1.lab.test" in hops[0]
+    assert "from relay1.lab.test" in hops[1] and "by upstream1.lab.test" in hops[1]
+    assert f"with {received_with} id" in hops[1]
+    if port == 25:
+        # No login; upstream1 verified the relay's certificate and knew it by its fingerprint.
+        assert "Authenticated sender" not in hops[1]
+        assert '(Client CN "relay1.lab.test", Issuer "smtpgw lab CA" (verified OK))' in hops[1]
+    else:
+        assert "(Authenticated sender: relay@lab.test)" in hops[1]
+    # The relay's side: the transport of the door, to the door's port, TLS verified by name.
+    queue_id = re.search(r"by relay1\.lab\.test \(Postfix\) with ESMTPSA id (\w+)", hops[2])[1]
+    journal = relay_journal(lab)
+    (sent,) = [line for line in journal if f"{queue_id}: to=<" in line]
+    assert ("postfix/smtp[" if transport == "smtp" else f"postfix/{transport}/smtp[") in sent
+    assert "relay=upstream1.lab.test[" in sent and f"]:{port}," in sent and "status=sent" in sent
+    # The same smtp process had verified upstream1's certificate against the name.
+    process = re.search(r"(postfix/[\w/]+\[\d+\]):", sent)[1]
+    assert any(
+        f"{process}: Verified TLS connection established to upstream1.lab.test[" in line
+        and f"]:{port}:" in line
+        for line in journal
+    ), [line for line in journal if process in line]
+
+
+def test_a_wrong_name_on_the_certificate_defers_and_says_why(lab):
+    rcpt = f"wrongname-{uuid.uuid4().hex[:12]}@dest.test"
+    token = send(lab.submission("app@wayne.test", "lab-wayne-app-pw"), "app@wayne.test", rcpt)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            queued = [m for m in lab.queue() if any(r["address"] == rcpt for r in m["recipients"])]
+            reasons = [r.get("delay_reason", "") for m in queued for r in m["recipients"]]
+            if queued and any(reasons):
+                break
+            assert time.monotonic() < deadline, f"{rcpt} never got deferred: {lab.queue()}"
+            time.sleep(1)
+        assert queued[0]["queue_name"] == "deferred"
+        assert reasons[0] == "Server certificate not verified"
+        log = "\n".join(relay_journal(lab))
+        assert re.search(
+            r"server certificate verification failed for upstream1-alias\.lab\.test\[[\d.]+\]:587: "
+            r"num=62:hostname mismatch",
+            log,
+        ), log[-2000:]
+        assert lab.mail_count(token) == 0
+    finally:
+        for message in lab.queue():
+            if any(r["address"] == rcpt for r in message["recipients"]):
+                lab.exec("relay1", "postsuper", "-d", message["queue_id"])
+
+
+def test_a_tenant_from_tenants_new_deploys_and_relays(lab, tenants_copy: Path):
+    """`smtpgw tenants new` writes a file that site.yml deploys; its vaulted login relays."""
+    inventory = tenants_copy.parent  # with the scenario's smart hosts, for the check
+    (inventory / "group_vars").symlink_to(ROOT / "inventories" / "lab" / "group_vars")
+    vault = inventory / "vault.yml"
+    argv = ["tenants", "new", "initrode", "--domain", "initrode.test"]
+    assert cli.main([*argv, "--inventory", str(inventory), "--vault-file", str(vault)]) == 0
+    password = yaml.safe_load(vault.read_text())["vault_initrode_app"]
+    try:
+        run = run_site(tenants_copy, "-e", f"@{vault}")
+        assert run.rc == 0, run.output[-3000:]
+        token = send(
+            lab.submission("app@initrode.test", password), "app@initrode.test", "new@dest.test"
+        )
+        assert "From: app@initrode.test" in lab.find_mail(token)
+    finally:
+        restored = run_site(SCENARIO / "tenants")
+        assert restored.rc == 0, restored.output[-3000:]
