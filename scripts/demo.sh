@@ -23,6 +23,11 @@ smtpgw tenants check inventories/lab --smarthost upstream1
 step "The gateway (playbooks/site.yml)"
 ansible-playbook playbooks/site.yml
 
+step "DNS records of the tenant domains on the lab DNS server: plan, apply, check (smtpgw dns)"
+smtpgw dns plan inventories/lab || [ $? -eq 2 ]   # 2: there are changes to apply
+smtpgw dns apply inventories/lab
+smtpgw dns check inventories/lab
+
 relay=$(python3 -c 'from smtpgw import lab; print(lab.HOSTS["relay1"].ip)')
 tls=(--server "$relay" --server-name relay1.lab.test --ca .lab/pki/ca.crt)
 

@@ -26,12 +26,14 @@ author:
   - smtpgw maintainers
 options:
   tenants:
-    description: The normalised tenants (the C(tenants) that M(smtpgw.gateway.smtpgw_tenants) returns).
+    description:
+      - The normalised tenants (the C(tenants) that M(smtpgw.gateway.smtpgw_tenants) returns).
     type: list
     elements: dict
     required: true
   dkim_keys:
-    description: The keys M(smtpgw.gateway.smtpgw_dkim_keys) returns (C(domain), C(selector), C(txt)).
+    description:
+      - The keys M(smtpgw.gateway.smtpgw_dkim_keys) returns (C(domain), C(selector), C(txt)).
     type: list
     elements: dict
     required: true

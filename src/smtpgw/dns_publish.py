@@ -268,7 +268,7 @@ def plan(desired: Desired, server: Server) -> Plan:
         wanted: dict[dns.name.Name, list[Record]] = {}
         for record in desired.zones[zone]:
             wanted.setdefault(record.name, []).append(record)
-        owned_names = set(wanted)
+        owned_names = {*wanted, register_name}
         for domain, names in parse_register(register.texts).items():
             owned_names.update(absolute(n, domain) for n in names)
         for name in sorted(owned_names):
@@ -312,36 +312,64 @@ class Applied:
     seconds: float = 0.0
 
 
+#: Room for the records of one update message (a DNS message over TCP holds at most 65,535 bytes).
+UPDATE_BYTES = 60_000
+
+
 def apply(the_plan: Plan, server: Server, key: TsigKey) -> Applied:
-    """One signed update per zone with changes; raises :class:`DnsError` on the first refusal
-    (zones before it are applied, that zone and those after are not: the next plan shows them)."""
+    """One signed update per zone with changes (more only when a zone's changes outgrow one
+    message, each then with the prerequisites of its own names; the register last). Raises
+    :class:`DnsError` on the first refusal: what was sent before it stands, the rest is not
+    applied, and the next plan shows it."""
     start = time.monotonic()
     applied = Applied()
     keyring = key.keyring()
     for zone in the_plan.zones:
-        update = dns.update.UpdateMessage(zone, keyring=keyring, keyalgorithm=key.algorithm)
-        for change in (c for c in the_plan.changes if c.zone == zone):
-            name = dns.name.from_text(change.name)
-            if change.seen.rdatas:
-                rdataset = dns.rdataset.Rdataset(dns.rdataclass.IN, dns.rdatatype.TXT)
-                for rdata in change.seen.rdatas:
-                    rdataset.add(rdata)
-                update.present(name, rdataset)
-            else:
-                update.absent(name, dns.rdatatype.TXT)
-            for rdata in change.remove:
-                update.delete(name, rdata)
-            for record in change.add:
-                update.add(name, record.ttl, record.rdata)
-        server.updates += 1
-        answer = server.exchange(update, f"the update of zone {zone}")
-        rcode = answer.rcode()
-        if rcode != dns.rcode.NOERROR:
-            raise DnsError(_update_problem(server, zone, rcode))
+        changes = [c for c in the_plan.changes if c.zone == zone]
+        changes.sort(key=lambda c: c.name.startswith(REGISTER_LABEL + "."))
+        batches: list[list[Change]] = [[]]
+        size = 0
+        for change in changes:
+            cost = _wire_size(change)
+            if batches[-1] and size + cost > UPDATE_BYTES:
+                batches.append([])
+                size = 0
+            batches[-1].append(change)
+            size += cost
+        for batch in batches:
+            update = dns.update.UpdateMessage(zone, keyring=keyring, keyalgorithm=key.algorithm)
+            for change in batch:
+                _add_change(update, change)
+            server.updates += 1
+            answer = server.exchange(update, f"the update of zone {zone}")
+            rcode = answer.rcode()
+            if rcode != dns.rcode.NOERROR:
+                raise DnsError(_update_problem(server, zone, rcode))
+            applied.updates += 1
         applied.zones.append(zone)
-        applied.updates += 1
     applied.seconds = time.monotonic() - start
     return applied
+
+
+def _add_change(update: dns.update.UpdateMessage, change: Change) -> None:
+    name = dns.name.from_text(change.name)
+    if change.seen.rdatas:  # prerequisite: exactly the TXT records the plan saw
+        rdataset = dns.rdataset.Rdataset(dns.rdataclass.IN, dns.rdatatype.TXT)
+        for rdata in change.seen.rdatas:
+            rdataset.add(rdata)
+        update.present(name, rdataset)
+    else:  # prerequisite: still none
+        update.absent(name, dns.rdatatype.TXT)
+    for rdata in change.remove:
+        update.delete(name, rdata)
+    for record in change.add:
+        update.add(name, record.ttl, record.rdata)
+
+
+def _wire_size(change: Change) -> int:
+    """Bytes a change takes in an update message, roughly (names uncompressed)."""
+    rdatas = [*change.seen.rdatas, *change.remove, *(r.rdata for r in change.add)]
+    return sum(len(change.name) + 12 + len(r.to_wire()) for r in rdatas) + len(change.name) + 12
 
 
 def _update_problem(server: Server, zone: str, rcode: int) -> str:

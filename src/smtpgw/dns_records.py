@@ -259,6 +259,8 @@ def desired_records(
                 records.append(Record(absolute(relative, domain), kind, txt(text), ttl, domain))
     if problems:
         raise DnsProblem("\n".join(problems))
+    for zone in zones:  # visited even without records: its register names removed domains
+        desired.zones.setdefault(zone.rstrip(".").lower(), [])
     for zone, records in desired.zones.items():
         register = absolute(REGISTER_LABEL, zone)
         for domain in sorted(d for d, z in desired.domains.items() if z == zone):
