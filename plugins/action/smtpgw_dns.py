@@ -74,7 +74,7 @@ options:
 """
 
 EXAMPLES = r"""
-- name: dns | Publish the records
+- name: DNS | Publish the records
   smtpgw.gateway.smtpgw_dns:
     tenants: "{{ __dns_tenants.tenants }}"
     dkim_keys: "{{ __dns_keys.dkim_keys }}"
