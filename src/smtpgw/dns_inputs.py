@@ -97,6 +97,7 @@ def from_inventory(inventory: Path) -> DnsInputs:
     Raises :class:`InventoryProblem` (or ``smtpgw.tenant_schema.TenantError``) when something
     is missing or wrong.
     """
+    from ansible.errors import AnsibleError
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
     from ansible.plugins.loader import init_plugin_loader
@@ -128,7 +129,14 @@ def from_inventory(inventory: Path) -> DnsInputs:
         hostvars = variables.get_vars(host=host)
         if name not in hostvars:
             return default
-        return Templar(loader=loader, variables=hostvars).template(hostvars[name])
+        try:
+            return Templar(loader=loader, variables=hostvars).template(hostvars[name])
+        except AnsibleError as exc:
+            reason = " ".join(str(getattr(exc, "message", "") or exc).split())
+            raise InventoryProblem(
+                f"{host.name}: {name}: cannot be resolved ({reason}); set what "
+                "it refers to in the inventory (`smtpgw dns` gathers no facts), or write the value"
+            ) from None
 
     first = relays[0]
     addresses: list[str] = []

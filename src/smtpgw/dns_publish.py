@@ -442,6 +442,8 @@ def check(desired: Desired, primary: Server, resolver: str | None = None) -> lis
     servers: dict[str, Server] = {}
     try:
         for zone in sorted(desired.zones):
+            if all(r.kind == "register" for r in desired.zones[zone]):
+                continue  # a zone visited only for its register: nothing to check there
             targets = [(a, False) for a in authoritative_servers(primary, zone)]
             if resolver:
                 targets.append((resolver, True))
