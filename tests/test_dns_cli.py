@@ -100,7 +100,7 @@ def test_export_prints_the_records_of_the_inventory(tmp_path, capsys):
         (
             {"acme": {"domains": ["acme.test"]}},
             {},
-            "relay1: smtpgw_public_addresses: cannot be resolved ('relay_ip' is undefined); set what",
+            "relay1: smtpgw_public_addresses: cannot be resolved ('relay_ip' is undefined)",
         ),
     ],
 )
