@@ -229,3 +229,27 @@ def test_wrong_key_unreachable_server_and_unserved_zone_are_named(dns1, keys):
     with pytest.raises(DnsError, match=f"DNS server {dns1}: is not authoritative for zone test "):
         plan(other, server)
     server.close()
+
+
+def test_a_zone_too_large_for_one_message_goes_in_several(dns1, keys):
+    """150 domains in one zone (~120 KB of records, more than one DNS message holds): several
+    updates, all published; then removed again in parts."""
+    many = [(f"t{i:03d}", {"domains": [f"t{i:03d}.acme.test"]}) for i in range(150)]
+    shared = {
+        (f"t{i:03d}.acme.test", selector): keys[("acme.test", selector)]
+        for i in range(150)
+        for selector in SELECTORS
+    }
+    server = Server(dns1)
+    want = desired_records(
+        tenants(ACME, *many), ["192.0.2.25"], {**keys, **shared}, SELECTORS, zones=ZONES, ttl=300
+    )
+    applied = apply(plan(want, server), server, KEY)
+    assert applied.zones == ["acme.test"] and applied.updates > 1
+    assert plan(want, server).changes == []
+    assert txts(dns1, "smtpgw-rsa._domainkey.t149.acme.test") == [keys[("acme.test", SELECTORS[0])]]
+    gone = plan(desired(keys, ACME), server)
+    assert len(gone.changes) == 150 * 4 + 1  # every name of the 150, and the register
+    assert apply(gone, server, KEY).updates > 1
+    assert txts(dns1, "t000.acme.test") == []
+    server.close()

@@ -10,6 +10,7 @@ from smtpgw.dns_records import (
     desired_records,
     export_lines,
     parse_register,
+    register_strings,
     spf_lookups,
     tag_of,
     txt,
@@ -74,10 +75,11 @@ def test_every_domain_gets_spf_dkim_dmarc_and_the_register(keys):
     for selector in SELECTORS:
         name = f"{selector}._domainkey.acme.test."
         assert texts(desired, name) == [keys[("acme.test", selector)]]
-    assert sorted(texts(desired, "_smtpgw.acme.test.")) == [
-        "smtpgw acme.test @ _dmarc smtpgw-ed25519._domainkey smtpgw-rsa._domainkey",
-        "smtpgw mail.acme.test @ _dmarc smtpgw-ed25519._domainkey smtpgw-rsa._domainkey",
-    ]
+    (register,) = [r for r in desired.records() if r.name.to_text() == "_smtpgw.acme.test."]
+    assert register.rdata.strings == (
+        b"smtpgw acme.test @ _dmarc smtpgw-ed25519._domainkey smtpgw-rsa._domainkey",
+        b"smtpgw mail.acme.test @ _dmarc smtpgw-ed25519._domainkey smtpgw-rsa._domainkey",
+    )
     assert {r.ttl for r in desired.records()} == {600}
     assert not desired.policies
 
@@ -191,6 +193,22 @@ def test_ownership_tags():
 def test_register_round_trip():
     found = parse_register(["smtpgw a.test @ _dmarc", "other text", "smtpgw b.test @"])
     assert found == {"a.test": {"@", "_dmarc"}, "b.test": {"@"}}
+    names = [f"selector-{i:02d}-of-a-long-name._domainkey" for i in range(12)]
+    strings = register_strings("a.test", names)
+    assert len(strings) == 2 and max(len(s) for s in strings) <= 255
+    assert parse_register(strings) == {"a.test": set(names)}
+
+
+def test_the_register_holds_twenty_domains_a_record(keys):
+    many = [tenant(f"t{i:02d}", [f"t{i:02d}.acme.test"]) for i in range(45)]
+    shared = {
+        (f"t{i:02d}.acme.test", s): keys[("acme.test", s)] for i in range(45) for s in SELECTORS
+    }
+    desired = desired_records(many, ["192.0.2.25"], shared, SELECTORS, zones=["acme.test"])
+    register = [r for r in desired.records() if r.kind == "register"]
+    assert [len(r.rdata.strings) for r in register] == [20, 20, 5]
+    strings = [s.decode() for r in register for s in r.rdata.strings]
+    assert len(parse_register(strings)) == 45
 
 
 def test_export_is_zone_file_lines(keys):

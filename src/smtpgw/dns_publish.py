@@ -269,7 +269,8 @@ def plan(desired: Desired, server: Server) -> Plan:
         for record in desired.zones[zone]:
             wanted.setdefault(record.name, []).append(record)
         owned_names = {*wanted, register_name}
-        for domain, names in parse_register(register.texts).items():
+        strings = (s.decode(errors="replace") for r in register.rdatas for s in r.strings)
+        for domain, names in parse_register(strings).items():
             owned_names.update(absolute(n, domain) for n in names)
         for name in sorted(owned_names):
             seen = register if name == register_name else read_name(server, name, zone)

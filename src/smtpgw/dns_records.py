@@ -13,8 +13,9 @@ addresses, the smart hosts' SPF mechanisms and the DKIM public keys into dnspyth
   policy file's text for the user's web server (``id`` changes when the policy does);
 - ``_smtp._tls.<domain>`` (``v=TLSRPTv1; rua=mailto:...``) when it has ``dns.tls_reports``;
 - ``_smtpgw.<zone>``: smtpgw's register of what it owns in the zone, one string per domain
-  (``smtpgw acme.test @ _dmarc smtpgw-rsa._domainkey ...``): a later run finds the records of
-  a removed tenant or selector through it.
+  (``smtpgw acme.test @ _dmarc smtpgw-rsa._domainkey ...``), up to :data:`REGISTER_PER_RECORD`
+  strings in a TXT record (BIND refuses more than 100 records of a type at a name): a later run
+  finds the records of a removed tenant or selector through it.
 
 smtpgw owns, at each of these names, only the TXT records whose text starts with the tag of
 their kind (``v=spf1``, ``v=DKIM1``, ...): another TXT at the apex is never touched.
@@ -45,7 +46,7 @@ __all__ = [
     "desired_records",
     "export_lines",
     "parse_register",
-    "register_text",
+    "register_strings",
     "spf_lookups",
     "tag_of",
     "txt",
@@ -55,6 +56,8 @@ __all__ = [
 
 SPF_LOOKUP_LIMIT = 10
 REGISTER_LABEL = "_smtpgw"
+#: Domains per TXT record of the register (so 100 records, BIND's default limit, hold 2,000).
+REGISTER_PER_RECORD = 20
 #: The text each kind of record starts with: smtpgw owns only TXT records with these prefixes.
 TAGS = {
     "spf": "v=spf1",
@@ -145,14 +148,23 @@ def spf_lookups(terms: Iterable[str]) -> int:
     return count
 
 
-def register_text(domain: str, names: Iterable[str]) -> str:
-    return TAGS["register"] + " ".join([domain, *sorted(set(names))])
+def register_strings(domain: str, names: Iterable[str]) -> list[str]:
+    """The register's strings for a domain (more than one when they outgrow 255 bytes)."""
+    strings: list[str] = []
+    current = TAGS["register"] + domain
+    for name in sorted(set(names)):
+        if len(current) + 1 + len(name) > 255:
+            strings.append(current)
+            current = TAGS["register"] + domain
+        current += " " + name
+    return [*strings, current]
 
 
-def parse_register(texts: Iterable[str]) -> dict[str, set[str]]:
-    """Domain -> relative names, from the register's texts (others' TXT records ignored)."""
+def parse_register(strings: Iterable[str]) -> dict[str, set[str]]:
+    """Domain -> relative names, from the strings of the register's TXT records (strings that
+    are not smtpgw's are ignored)."""
     found: dict[str, set[str]] = {}
-    for text in texts:
+    for text in strings:
         if not text.startswith(TAGS["register"]):
             continue
         domain, *names = text[len(TAGS["register"]) :].split()
@@ -263,9 +275,15 @@ def desired_records(
         desired.zones.setdefault(zone.rstrip(".").lower(), [])
     for zone, records in desired.zones.items():
         register = absolute(REGISTER_LABEL, zone)
-        for domain in sorted(d for d, z in desired.domains.items() if z == zone):
-            text = register_text(domain, names_by_domain[domain])
-            records.append(Record(register, "register", txt(text), ttl, zone))
+        domains = sorted(d for d, z in desired.domains.items() if z == zone)
+        for start in range(0, len(domains), REGISTER_PER_RECORD):
+            strings = [
+                text.encode()
+                for domain in domains[start : start + REGISTER_PER_RECORD]
+                for text in register_strings(domain, names_by_domain[domain])
+            ]
+            rdata = dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, strings)
+            records.append(Record(register, "register", rdata, ttl, zone))
     return desired
 
 
