@@ -11,6 +11,7 @@ A tenant file (``inventories/NAME/tenants/<name>.yml``) holds one YAML mapping::
     networks: [192.0.2.0/28]
     limits: {messages_per_day: 100, recipients_per_message: 50}
     relay: {via: direct}        # or a smart host's name; default: the relay's route
+    dns: {dmarc: {policy: none, reports: [dmarc@acme.test]}}   # optional: see _check_dns
 
 Jinja is allowed only in the fields of :data:`TEMPLATED_FIELDS` (secrets and networks); every
 other value must be written literally. :func:`validate_tenants` takes data keyed by the file
