@@ -3,6 +3,7 @@ test's own (smtpgw-unit-dns, 10.89.87.0/24), started once for the module and rem
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import dns.query
@@ -52,9 +53,7 @@ def dns1(tmp_path_factory):
         yield lab.planned_ip("dns1")
     finally:
         lab.down()
-        link = ROOT / ".lab" / LAB_NAME / "group_vars"
-        if link.is_symlink():
-            link.unlink()
+        shutil.rmtree(ROOT / ".lab" / LAB_NAME, ignore_errors=True)  # its inventory directory
 
 
 @pytest.fixture(scope="module")
