@@ -18,7 +18,7 @@ step() { printf '\n== %s\n' "$*"; }
 
 lab_name=${SMTPGW_LAB_NAME:-smtpgw-lab}
 playbook_args=()
-tenants=inventories/lab
+inventory=inventories/lab
 pki=.lab/pki
 if [[ $lab_name != smtpgw-lab ]]; then
     inventory=.lab/$lab_name
@@ -27,7 +27,6 @@ if [[ $lab_name != smtpgw-lab ]]; then
     ln -sfn ../../inventories/lab/tenants "$inventory/tenants"
     pki=$inventory/pki
     playbook_args=(-i "$inventory/hosts.yml" -e "lab_pki_dir=$root/$pki")
-    tenants=$inventory
 fi
 
 step "Lab hosts"
@@ -37,10 +36,15 @@ step "Lab services: CA, DNS, receiving MX, smart host (playbooks/lab.yml)"
 ansible-playbook "${playbook_args[@]}" playbooks/lab.yml
 
 step "Tenants (smtpgw tenants check)"
-smtpgw tenants check "$tenants" --smarthost upstream1
+smtpgw tenants check "$inventory" --smarthost upstream1
 
 step "The gateway (playbooks/site.yml)"
 ansible-playbook "${playbook_args[@]}" playbooks/site.yml
+
+step "DNS records of the tenant domains on the lab DNS server: plan, apply, check (smtpgw dns)"
+smtpgw dns plan "$inventory" || [ $? -eq 2 ]   # 2: there are changes to apply
+smtpgw dns apply "$inventory"
+smtpgw dns check "$inventory"
 
 relay=$(python3 -c 'from smtpgw import lab; print(lab.Lab.from_env().ip("relay1"))')
 tls=(--server "$relay" --server-name relay1.lab.test --ca "$pki/ca.crt")

@@ -165,6 +165,8 @@ def test_the_installed_tree_is_whole_and_stands_alone(installed):
         "plugins/action/smtpgw_dkim_keys.py",
         "roles/relay/templates/rspamd.lua.j2",
         "playbooks/site.yml",
+        "plugins/action/smtpgw_dns.py",
+        "playbooks/dns.yml",
     ):
         assert (root / name).is_file(), name
     # module_utils/smtpgw is the whole package, the same code as the checkout's src/smtpgw.

@@ -160,6 +160,85 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dns_inputs(args: argparse.Namespace):
+    """The inventory's DNS inputs and the wanted records, or an error message (exit 1)."""
+    from smtpgw import dns_inputs, dns_records, tenant_schema
+
+    try:
+        inputs = dns_inputs.from_inventory(Path(args.inventory))
+        return inputs, inputs.desired()
+    except (
+        dns_inputs.InventoryProblem,
+        dns_records.DnsProblem,
+        tenant_schema.TenantError,
+        ValueError,
+    ) as exc:
+        for line in str(exc).splitlines():
+            print(f"smtpgw: {line}", file=sys.stderr)
+        return None, None
+
+
+def _dns_server(inputs):
+    from smtpgw import dns_publish
+
+    if not inputs.server:
+        raise dns_publish.DnsError(
+            "smtpgw_dns_server is not set; name the primary DNS server of the tenant zones"
+        )
+    return dns_publish.Server(str(inputs.server).strip(), inputs.port)
+
+
+def cmd_dns(args: argparse.Namespace) -> int:
+    """plan: 0 nothing to change, 2 changes; apply: 0 done; check: 0 all ok, 2 not; 1 errors."""
+    import json
+
+    from smtpgw import dns_publish, dns_records
+
+    inputs, desired = _dns_inputs(args)
+    if desired is None:
+        return 1
+    if args.dns_command == "export":
+        print("\n".join(dns_records.export_lines(desired)))
+        return 0
+    server = None
+    try:
+        server = _dns_server(inputs)
+        if args.dns_command == "check":
+            findings = dns_publish.check(desired, server, inputs.resolver)
+            if args.json:
+                print(json.dumps(dns_publish.findings_as_dicts(findings), indent=2))
+            else:
+                for f in findings:
+                    line = f"{f.status:<8} {f.name} {f.kind} at {f.server}"
+                    if f.status != "ok":
+                        line += f"\n         expected: {f.expected}\n         seen: {f.seen or '-'}"
+                    print(line)
+            return 0 if all(f.status == "ok" for f in findings) else 2
+        the_plan = dns_publish.plan(desired, server)
+        key = dns_publish.tsig_key(inputs.tsig) if args.dns_command == "apply" else None
+        for line in the_plan.lines():
+            print(line)
+        summary = (
+            f"{len(the_plan.changes)} name(s) to change in {len(the_plan.zones)} zone(s); "
+            f"{the_plan.queries} queries to {server}"
+        )
+        if args.dns_command == "plan":
+            print(summary if the_plan.changes else f"no changes; {the_plan.queries} queries")
+            return 2 if the_plan.changes else 0
+        if not the_plan.changes:
+            print(f"no changes, no update sent; {the_plan.queries} queries")
+            return 0
+        applied = dns_publish.apply(the_plan, server, key)
+        print(f"applied: {applied.updates} update(s) to {server} ({', '.join(applied.zones)})")
+        return 0
+    except dns_publish.DnsError as exc:
+        print(f"smtpgw: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.close()
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smtpgw", description="SMTP gateways as code")
     sub = p.add_subparsers(dest="command", required=True)
@@ -206,6 +285,20 @@ def parser() -> argparse.ArgumentParser:
     )
     p_check.set_defaults(func=cmd_tenants_check)
     _add_tenants_new(ten_sub)
+
+    p_dns = sub.add_parser("dns", help="DNS records of the tenant domains (SPF, DKIM, DMARC...)")
+    dns_sub = p_dns.add_subparsers(dest="dns_command", required=True)
+    for name, text in (
+        ("plan", "show what apply would add, change and remove (exit 2 if anything)"),
+        ("apply", "publish the plan: one TSIG-signed RFC 2136 update per zone"),
+        ("check", "ask the authoritative servers (and the resolver) for every record"),
+        ("export", "print the records as zone-file lines"),
+    ):
+        p_cmd = dns_sub.add_parser(name, help=text)
+        p_cmd.add_argument("inventory", nargs="?", default="inventories/lab")
+        if name == "check":
+            p_cmd.add_argument("--json", action="store_true", help="findings as JSON")
+        p_cmd.set_defaults(func=cmd_dns)
     return p
 
 

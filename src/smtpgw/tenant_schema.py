@@ -11,6 +11,7 @@ A tenant file (``inventories/NAME/tenants/<name>.yml``) holds one YAML mapping::
     networks: [192.0.2.0/28]
     limits: {messages_per_day: 100, recipients_per_message: 50}
     relay: {via: direct}        # or a smart host's name; default: the relay's route
+    dns: {dmarc: {policy: none, reports: [dmarc@acme.test]}}   # optional: see _check_dns
 
 Jinja is allowed only in the fields of :data:`TEMPLATED_FIELDS` (secrets and networks); every
 other value must be written literally. :func:`validate_tenants` takes data keyed by the file
@@ -35,6 +36,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_RECIPIENTS_PER_MESSAGE",
+    "DNS_DEFAULTS",
     "HASH_SCHEMES",
     "LIMIT_MAXIMUMS",
     "MAX_IPV4_ADDRESSES",
@@ -56,7 +58,7 @@ __all__ = [
 DEFAULT_RECIPIENTS_PER_MESSAGE = 50
 MIN_PASSWORD_LENGTH = 12
 
-TENANT_FIELDS = ("name", "state", "domains", "users", "networks", "limits", "relay")
+TENANT_FIELDS = ("name", "state", "domains", "users", "networks", "limits", "relay", "dns")
 USER_FIELDS = ("login", "password", "password_hash")
 LIMIT_FIELDS = ("messages_per_day", "recipients_per_message")
 RELAY_FIELDS = ("via",)
@@ -470,6 +472,8 @@ def _check_file(
         "relay": _check_relay(check, data.get("relay"), smarthosts),
     }
     _smarthost_limits(tenant, data.get("limits"), smarthosts)
+    if data.get("dns") is not None:  # only when written: the DNS code applies the defaults
+        tenant["dns"] = _check_dns(check, data["dns"])
     if name is None:
         return check, None, None
     found = _Tenant(file, name, tenant, domain_paths, login_paths, parsed, counts)
@@ -1006,6 +1010,202 @@ def _smarthost_limits(
     for key, value in ((host or {}).get("limits") or {}).items():
         if key in LIMIT_FIELDS and given.get(key) is None:
             tenant["limits"][key] = value
+
+
+# --------------------------------------------------------------------------------------
+# DNS records of the tenant's domains (smtpgw.dns_records publishes them)
+
+DNS_FIELDS = ("spf", "spf_all", "dmarc", "mta_sts", "tls_reports")
+DMARC_FIELDS = ("policy", "reports")
+MTA_STS_FIELDS = ("mode", "mx", "max_age")
+DMARC_POLICIES = ("none", "quarantine", "reject")
+MTA_STS_MODES = ("testing", "enforce", "none")
+SPF_ALL = ("~all", "-all")
+#: What a tenant gets without a ``dns`` field, and what a ``dns`` field leaves out.
+DNS_DEFAULTS: dict[str, Any] = {
+    "spf": [],
+    "spf_all": "~all",
+    "dmarc": {"policy": "none", "reports": []},
+    "mta_sts": None,
+    "tls_reports": [],
+}
+MTA_STS_MAX_AGE = (86400, 31557600)  # RFC 8461: at most a year; a day at least is sensible
+_SPF_TERM_RE = re.compile(
+    r"(?:[+?~-]?)(?:(?:include|exists):[A-Za-z0-9._%{}-]+"
+    r"|(?:a|mx)(?::[A-Za-z0-9._%{}-]+)?(?:/\d{1,3})?(?://\d{1,3})?"
+    r"|ip4:[0-9./]+|ip6:[0-9A-Fa-f:./]+)"
+)
+_MX_PATTERN_RE = re.compile(r"(?:\*\.)?[a-z0-9.-]+")
+
+
+def _check_dns(check: _FileCheck, value: object) -> dict[str, Any]:
+    """The ``dns`` mapping: SPF extras, DMARC, MTA-STS and TLS-RPT of every domain."""
+    result: dict[str, Any] = {
+        **DNS_DEFAULTS,
+        "dmarc": dict(DNS_DEFAULTS["dmarc"]),
+    }
+    mapping = _expect_mapping(check, "dns", value, "dns: {dmarc: {policy: none}}")
+    if mapping is None:
+        return result
+    _check_keys(check, "dns", mapping, DNS_FIELDS)
+    result["spf"] = _check_spf_terms(check, mapping.get("spf"))
+    spf_all = mapping.get("spf_all")
+    if spf_all is not None:
+        if spf_all in SPF_ALL:
+            result["spf_all"] = spf_all
+        else:
+            check.error(
+                "dns.spf_all",
+                f"must be '~all' (soft fail) or '-all' (fail), not {_shown(spf_all)}",
+                'write spf_all: "-all" once every sender of the domains is listed',
+            )
+    dmarc = mapping.get("dmarc")
+    if dmarc is not None:
+        found = _expect_mapping(check, "dns.dmarc", dmarc, "dmarc: {policy: none}")
+        if found is not None:
+            _check_keys(check, "dns.dmarc", found, DMARC_FIELDS)
+            policy = found.get("policy", "none")
+            if policy not in DMARC_POLICIES:
+                check.error(
+                    "dns.dmarc.policy",
+                    f"must be one of {', '.join(DMARC_POLICIES)}, not {_shown(policy)}",
+                    "start with policy: none and tighten it once the reports look right",
+                )
+            else:
+                result["dmarc"]["policy"] = policy
+            result["dmarc"]["reports"] = _check_report_addresses(
+                check, "dns.dmarc.reports", found.get("reports")
+            )
+    result["mta_sts"] = _check_mta_sts(check, mapping.get("mta_sts"))
+    result["tls_reports"] = _check_report_addresses(
+        check, "dns.tls_reports", mapping.get("tls_reports")
+    )
+    return result
+
+
+def _shown(value: object) -> str:
+    return f"'{_show(value)}'" if isinstance(value, str) else f"a {_type_name(value)}"
+
+
+def _check_spf_terms(check: _FileCheck, value: object) -> list[str]:
+    if value is None:
+        return []
+    items = _expect_list(check, "dns.spf", value, 'spf: ["include:_spf.google.com"]')
+    if items is None:
+        return []
+    terms: list[str] = []
+    for index, item in enumerate(items):
+        path = join_path("dns.spf", index)
+        if not isinstance(item, str) or not check.text(path, item):
+            if not isinstance(item, str):
+                check.error(path, f"must be a string, not a {_type_name(item)}", "quote it")
+            continue
+        term = item.strip(" ")
+        if term.lower().startswith(("all", "redirect", "exp", "v=", "-all", "~all", "?all")):
+            check.error(
+                path,
+                f"'{term}' ends or replaces the record smtpgw writes",
+                "list only the other senders' mechanisms; set dns.spf_all for the ending",
+            )
+        elif not _SPF_TERM_RE.fullmatch(term):
+            check.error(
+                path,
+                f"'{_show(term)}' is not an SPF mechanism",
+                "write one of include:DOMAIN, a[:DOMAIN], mx[:DOMAIN], ip4:NET, ip6:NET, "
+                "exists:DOMAIN",
+            )
+        elif term not in terms:
+            terms.append(term)
+    return terms
+
+
+def _check_report_addresses(check: _FileCheck, path: str, value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    items = _expect_list(check, path, value, "[dmarc-reports@acme.test]")
+    if items is None:
+        return []
+    addresses: list[str] = []
+    for index, item in enumerate(items):
+        item_path = join_path(path, index)
+        if not isinstance(item, str):
+            check.error(
+                item_path, f"must be a string, not a {_type_name(item)}", "write user@domain"
+            )
+            continue
+        if not check.text(item_path, item):
+            continue
+        text = item.strip(" ")
+        if text.lower().startswith("mailto:"):
+            text = text[7:]
+        local, at, domain = text.rpartition("@")
+        try:
+            domain = normalise_domain(domain) if at else ""
+        except ValueError:
+            domain = ""
+        if not at or not _LOCAL_PART_RE.fullmatch(local) or not domain or "!" in text:
+            check.error(
+                item_path,
+                f"'{_show(item)}' is not an e-mail address",
+                "write the address reports go to, e.g. dmarc-reports@acme.test",
+            )
+            continue
+        address = f"{local}@{domain}"
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def _check_mta_sts(check: _FileCheck, value: object) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    mapping = _expect_mapping(
+        check, "dns.mta_sts", value, "mta_sts: {mode: testing, mx: [mx1.acme.test]}"
+    )
+    if mapping is None:
+        return None
+    _check_keys(check, "dns.mta_sts", mapping, MTA_STS_FIELDS)
+    result: dict[str, Any] = {"mode": "testing", "mx": [], "max_age": 604800}
+    mode = mapping.get("mode", "testing")
+    if mode not in MTA_STS_MODES:
+        check.error(
+            "dns.mta_sts.mode",
+            f"must be one of {', '.join(MTA_STS_MODES)}, not {_shown(mode)}",
+            "start with mode: testing",
+        )
+    else:
+        result["mode"] = mode
+    mx = mapping.get("mx")
+    items = _expect_list(check, "dns.mta_sts.mx", mx, "mx: [mx1.acme.test]") if mx else None
+    if not items and result["mode"] != "none":
+        check.error(
+            "dns.mta_sts.mx",
+            "is required: the policy lists the MX hosts that receive the domains' mail",
+            "add mx: [mx1.acme.test] (a name or *.suffix per MX)",
+        )
+    for index, item in enumerate(items or []):
+        path = join_path("dns.mta_sts.mx", index)
+        text = item.strip(" ").lower().rstrip(".") if isinstance(item, str) else None
+        if not text or not check.text(path, text) or not _MX_PATTERN_RE.fullmatch(text):
+            check.error(
+                path, f"{_shown(item)} is not an MX host name", "write mx1.acme.test or *.acme.test"
+            )
+        elif text not in result["mx"]:
+            result["mx"].append(text)
+    max_age = mapping.get("max_age")
+    if max_age is not None:
+        low, high = MTA_STS_MAX_AGE
+        if isinstance(max_age, bool) or not isinstance(max_age, int) or not low <= max_age <= high:
+            check.error(
+                "dns.mta_sts.max_age",
+                f"must be a whole number of seconds from {low} to {high}, not {_show(max_age)}",
+                "write max_age: 604800 (a week)",
+            )
+        else:
+            result["max_age"] = max_age
+    return result
 
 
 def _cross_tenant_errors(tenants: list[_Tenant]) -> list[str]:
