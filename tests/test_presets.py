@@ -284,3 +284,18 @@ def test_tenants_check_of_an_inventory_reports_smarthost_errors(tmp_path: Path):
     result = check_inventory(tmp_path)
     assert result.errors == []
     assert result.tenants[0]["limits"]["recipients_per_message"] == 500
+
+
+def test_spf_mechanisms_from_presets_and_overrides():
+    from smtpgw.presets import spf_mechanisms
+
+    hosts = [
+        {"name": "m365", "spf_include": "spf.protection.outlook.com"},
+        {"name": "lab", "spf_include": None},
+        {"name": "own"},
+    ]
+    assert spf_mechanisms(hosts) == {"m365": "include:spf.protection.outlook.com"}
+    assert spf_mechanisms(hosts, {"lab": "a:upstream1.lab.test", "m365": "include:x.test"}) == {
+        "m365": "include:x.test",
+        "lab": "a:upstream1.lab.test",
+    }

@@ -7,6 +7,7 @@ from ansible.errors import AnsibleFilterError
 # The project's Python package, through this collection (plugins/module_utils/smtpgw is src/smtpgw).
 from ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw import dkim_keys as _dkim
 from ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw import postfix_maps as _maps
+from ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw import presets as _presets
 from ansible_collections.smtpgw.gateway.plugins.module_utils.smtpgw import relay_files as _files
 
 
@@ -39,6 +40,11 @@ def smtpgw_default_transport(route, smarthosts):
         raise AnsibleFilterError(str(exc)) from exc
 
 
+def smtpgw_spf_mechanisms(smarthosts, overrides=None):
+    """Smart host name -> SPF mechanism: see smtpgw.presets.spf_mechanisms."""
+    return _presets.spf_mechanisms(smarthosts, overrides)
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -46,4 +52,5 @@ class FilterModule:
             "smtpgw_default_transport": smtpgw_default_transport,
             "smtpgw_relay_files": smtpgw_relay_files,
             "smtpgw_signing_domains": smtpgw_signing_domains,
+            "smtpgw_spf_mechanisms": smtpgw_spf_mechanisms,
         }

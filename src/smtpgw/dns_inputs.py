@@ -105,6 +105,7 @@ def from_inventory(inventory: Path) -> DnsInputs:
     from ansible.vars.hostvars import HostVars
     from ansible.vars.manager import VariableManager
 
+    from .presets import load_presets, presets_dirs, resolve_smarthosts, spf_mechanisms
     from .tenant_files import check_dir
     from .tenant_schema import TenantError
 
@@ -149,8 +150,11 @@ def from_inventory(inventory: Path) -> DnsInputs:
             )
         addresses += [str(a) for a in (value if isinstance(value, list) else [value])]
     tenants_dir = Path(resolved(first, "relay_tenants_dir") or inventory_dir / "tenants")
-    smarthosts = resolved(first, "relay_smarthosts", []) or []
-    result = check_dir(tenants_dir, smarthosts=[h["name"] for h in smarthosts])
+    presets = load_presets(presets_dirs(inventory_dir))
+    smarthosts = resolve_smarthosts(resolved(first, "relay_smarthosts", []) or [], presets.by_name)
+    if presets.errors or smarthosts.errors:
+        raise InventoryProblem("; ".join(presets.errors + smarthosts.errors))
+    result = check_dir(tenants_dir, smarthosts=[h["name"] for h in smarthosts.smarthosts])
     if result.errors:
         raise TenantError(result.errors)
     selectors = dict(resolved(first, "relay_dkim_selectors") or dkim_keys.DEFAULT_SELECTORS)
@@ -174,7 +178,9 @@ def from_inventory(inventory: Path) -> DnsInputs:
         relay_addresses=addresses,
         dkim=read_dkim_public(keys_dir, domains, selectors),
         selectors=[selectors[a] for a in dkim_keys.ALGORITHMS],
-        smarthost_spf=dict(settings["smtpgw_dns_smarthost_spf"] or {}),
+        smarthost_spf=spf_mechanisms(
+            smarthosts.smarthosts, settings["smtpgw_dns_smarthost_spf"] or {}
+        ),
         route=str(resolved(first, "relay_route") or "direct"),
         zones=list(settings["smtpgw_dns_zones"] or []),
         ttl=int(settings["smtpgw_dns_ttl"] or DEFAULT_TTL),

@@ -39,6 +39,7 @@ __all__ = [
     "load_presets",
     "presets_dirs",
     "resolve_smarthosts",
+    "spf_mechanisms",
 ]
 
 TLS_MODES = ("starttls", "implicit")
@@ -417,3 +418,22 @@ def _check_limits(check: _Check, value: object) -> dict[str, int]:
         else:
             limits[key] = item
     return limits
+
+
+def spf_mechanisms(
+    smarthosts: Iterable[Mapping[str, Any]], overrides: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Smart host name -> the SPF mechanism of the servers it sends from.
+
+    From each resolved smart host's ``spf_include`` (``include:<it>``), then ``overrides`` (the
+    inventory's ``smtpgw_dns_smarthost_spf``: any mechanism, e.g. ``a:upstream1.lab.test``),
+    which win. A smart host with neither is left out: the DNS records refuse a tenant routed
+    through it, saying what to add.
+    """
+    mechanisms = {
+        str(h["name"]): f"include:{h['spf_include']}"
+        for h in smarthosts
+        if isinstance(h, Mapping) and h.get("spf_include")
+    }
+    mechanisms.update({str(k): str(v) for k, v in (overrides or {}).items()})
+    return mechanisms
