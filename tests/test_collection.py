@@ -64,8 +64,15 @@ def _hook(event, args):
     if event == "import" and args and "smtpgw" in str(args[0]):
         _note("import", args[0])
     elif event == "open" and args and isinstance(args[0], (str, bytes)):
+        # Reads only: code loaded. (Writing a module's payload, AnsiballZ_smtpgw_*.py, to a
+        # target is not loading it; the payload is built from the installed collection.)
+        mode = args[1] if len(args) > 1 else None
+        flags = args[2] if len(args) > 2 else 0
+        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR)
+        )
         path = os.fsdecode(args[0])
-        if "smtpgw" in path and path.endswith((".py", ".pyc")):
+        if not writes and "smtpgw" in path and path.endswith((".py", ".pyc")):
             _note("open", os.path.realpath(path))
 
 
