@@ -7,7 +7,7 @@ export CONTAINERS_CONF := $(ROOT)/.lab/containers.conf
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 export MOLECULE_GLOB := molecule/*/molecule.yml
 # Scenarios `make test` runs, in order.
-SCENARIOS ?= default gateway lab_upstream lab_dns
+SCENARIOS ?= default gateway lab_upstream lab_dns cluster
 # The checkout as the collection smtpgw.gateway, on the collections path ansible.cfg names.
 COLLECTION_LINK := .lab/collections/ansible_collections/smtpgw/gateway
 
