@@ -12,7 +12,10 @@ rounds that rotate the order, it sends the same number of 5 KB messages through 
   deployment (`postconf -M`, for the bench only): no TLS, no login, no milter, relayed because
   the client is on the tenant's network;
 - `2587 no milter`: 587's settings (STARTTLS, AUTH) without rspamd, also added by the bench, so
-  the cost of TLS and AUTH and the cost of rspamd show apart.
+  the cost of TLS and AUTH and the cost of rspamd show apart;
+- `2588 no limits`: 587 exactly (TLS, AUTH, rspamd) without the policy service, so the cost of
+  the sending limits (a policy request at RCPT and at the end of DATA, a Lua script in the
+  relay's Redis) shows as the ratio of 587 to it.
 
 All paths go through the same Postfix, the same restrictions and the same onward delivery (direct,
 MX lookup, to the sink). Each path: `--sessions` parallel sessions, each session sends
@@ -70,9 +73,11 @@ class Entry:
 TLS_AUTH = Entry("587 full", 587, "starttls", True)
 BARE = Entry("2525 bare", 2525, "none", False)
 NO_MILTER = Entry("2587 no milter", 2587, "starttls", True)  # 587 without rspamd: where time goes
+# 587 exactly (TLS, AUTH, rspamd) without the policy service: what the sending limits cost.
+NO_LIMITS = Entry("2588 no limits", 2588, "starttls", True)
 PLAIN = Entry("25 plain", 25, "none", False)  # latency probe only (with the milter)
 IMPLICIT_AUTH = Entry("465 TLS+AUTH", 465, "implicit", True)  # latency probe only
-LOAD_PATHS = [BARE, TLS_AUTH, NO_MILTER]
+LOAD_PATHS = [BARE, TLS_AUTH, NO_MILTER, NO_LIMITS]
 # The bench's own smtpd services (master.cf, added after the deployment): bare (no TLS, no SASL,
 # no milter), and 587's settings without the milter.
 BENCH_SERVICES = (
@@ -83,6 +88,15 @@ BENCH_SERVICES = (
     "-o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes -o smtpd_milters= "
     "-o smtpd_sender_restrictions="
     "reject_non_fqdn_sender,reject_authenticated_sender_login_mismatch",
+    f"{NO_LIMITS.port}/inet={NO_LIMITS.port} inet n - y - - smtpd "
+    "-o syslog_name=postfix/bench-nolimits -o smtpd_tls_security_level=encrypt "
+    "-o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes "
+    "-o smtpd_sender_restrictions="
+    "reject_non_fqdn_sender,reject_authenticated_sender_login_mismatch "
+    "-o smtpd_recipient_restrictions=reject_non_fqdn_recipient "
+    "-o smtpd_end_of_data_restrictions= "
+    "-o smtpd_milters=unix:/rspamd/milter.sock -o milter_default_action=tempfail "
+    "-o milter_protocol=6",
 )
 
 
@@ -470,6 +484,8 @@ def bench_tenant(client_ip: str) -> dict[str, str]:
             f"  - login: {SENDER}\n"
             f'    password: "{PASSWORD}"\n'
             f"networks: [{client_ip}/32]\n"
+            "# Counted in Redis by the policy service on 587 (never reached in a bench run).\n"
+            "limits: {messages_per_day: 10000000, messages_per_hour: 1000000}\n"
         )
     }
 
@@ -539,7 +555,12 @@ def report(loads: list[Load], rounds: int) -> tuple[float, float]:
             ratios.append(a.rate / b.rate)
         if rounds > 1:
             print("      per round (accepted/s): " + ", ".join(f"{r:.2f}" for r in ratios))
-    return total(TLS_AUTH)[0], bare_rate
+    full, no_limits = total(TLS_AUTH)[0], total(NO_LIMITS)[0]
+    print(
+        f"   sending limits (587 full against 2588 no limits): {full / no_limits:.3f}, "
+        f"a cost of {(1 - full / no_limits) * 100:.1f} % of accepted/s"
+    )
+    return full, bare_rate
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -589,7 +610,8 @@ def main(argv: list[str]) -> int:
 
             bl.section(f"Sink: smtp-sink on {MX.container} port 25 instead of Postfix")
             sink_start()
-            for path, signatures in ((BARE, 0), (NO_MILTER, 0), (TLS_AUTH, 2)):  # one each way
+            # One message each way.
+            for path, signatures in ((BARE, 0), (NO_MILTER, 0), (TLS_AUTH, 2), (NO_LIMITS, 2)):
                 sink_clear()
                 smtp = open_session(path, tls_context())
                 smtp.sendmail(SENDER, [RECIPIENT], message(args.size, "check"))

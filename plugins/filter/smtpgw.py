@@ -39,6 +39,17 @@ def smtpgw_default_transport(route, smarthosts):
         raise AnsibleFilterError(str(exc)) from exc
 
 
+def smtpgw_is_ip_address(value):
+    """True when value is an IPv4 or IPv6 address (not a name, not a network)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(str(value))
+    except ValueError:
+        return False
+    return True
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -46,4 +57,5 @@ class FilterModule:
             "smtpgw_default_transport": smtpgw_default_transport,
             "smtpgw_relay_files": smtpgw_relay_files,
             "smtpgw_signing_domains": smtpgw_signing_domains,
+            "smtpgw_is_ip_address": smtpgw_is_ip_address,
         }
