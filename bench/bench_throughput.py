@@ -563,6 +563,62 @@ def report(loads: list[Load], rounds: int) -> tuple[float, float]:
     return full, bare_rate
 
 
+# Run inside the relay: CLIENTS concurrent connections to the policy service's socket, each
+# sending PAIRS pairs of requests as Postfix does for a one-recipient message (RCPT, then
+# END-OF-MESSAGE), as the bench tenant's login; prints requests, seconds and refusals as JSON.
+POLICY_CLIENT = """
+import asyncio, json, time, uuid
+SOCKET, LOGIN, CLIENTS, PAIRS = %r, %r, %d, %d
+
+def request(state, instance):
+    return ("request=smtpd_access_policy\\nprotocol_state=%%s\\nprotocol_name=ESMTP\\n"
+            "client_address=10.0.0.1\\nsasl_username=%%s\\ninstance=%%s\\nqueue_id=Q%%s\\n"
+            "recipient=sink@dest.test\\n\\n" %% (state, LOGIN, instance, instance)).encode()
+
+async def client(results):
+    reader, writer = await asyncio.open_unix_connection(SOCKET)
+    for _ in range(PAIRS):
+        instance = uuid.uuid4().hex[:12]
+        for state in ("RCPT", "END-OF-MESSAGE"):
+            writer.write(request(state, instance))
+            await writer.drain()
+            reply = (await reader.readuntil(b"\\n\\n")).decode()
+            results["requests"] += 1
+            if reply.strip() != "action=DUNNO":
+                results["refused"] += 1
+                results["last"] = reply.strip()
+    writer.close()
+
+async def main():
+    results = {"requests": 0, "refused": 0, "last": ""}
+    started = time.monotonic()
+    await asyncio.gather(*(client(results) for _ in range(CLIENTS)))
+    results["seconds"] = time.monotonic() - started
+    print(json.dumps(results))
+
+asyncio.run(main())
+"""
+
+
+def policy_service_rate(clients: int, pairs: int) -> dict:
+    """The policy service alone, on the relay: requests/s from `clients` concurrent clients."""
+    import json
+
+    script = POLICY_CLIENT % (POLICY_SOCKET, SENDER, clients, pairs)
+    proc = bl.LAB.podman.run(
+        "exec", "-i", RELAY.container, "python3", "-", stdin=script, timeout=600
+    )
+    return json.loads(proc.stdout)
+
+
+POLICY_SOCKET = "/var/spool/postfix/smtpgw-policy/policy.sock"
+POLICY_RESET = (
+    "redis-cli --no-auth-warning -a \"$(python3 -c 'import json; "
+    "print(json.load(open(\"/etc/smtpgw/policy.json\"))[\"redis\"][\"password\"])')\" "
+    "DEL smtpgw:limits:tenant:bench >/dev/null"
+)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1000 messages, 1 round, 10 probes")
@@ -574,6 +630,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=150.0, help="seconds per path and round")
     p.add_argument("--probes", type=int, help="sequential sessions per latency probe (default 30)")
     p.add_argument("--keep", action="store_true", help="leave the bench lab running afterwards")
+    p.add_argument(
+        "--policy-clients", type=int, default=50, help="concurrent clients of the policy service"
+    )
+    p.add_argument(
+        "--policy-pairs", type=int, default=200, help="RCPT + END-OF-MESSAGE pairs a client"
+    )
     args = p.parse_args(argv)
     args.messages = args.messages or (1000 if args.quick else 2000)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -659,6 +721,22 @@ def main(argv: list[str]) -> int:
             wait_queue_empty(timeout=30)
             bl.section("Results (same run, same relay, same onward path)")
             report(loads, args.rounds)
+
+            bl.section(
+                f"The policy service alone: {args.policy_clients} concurrent clients on its socket, "
+                f"{args.policy_pairs} messages (RCPT + END-OF-MESSAGE) each, counted in Redis"
+            )
+            # The bench tenant's counter holds every message of this run: start it empty.
+            bl.on("relay1", "sh", "-c", POLICY_RESET)
+            got = policy_service_rate(args.policy_clients, args.policy_pairs)
+            print(
+                f"   {got['requests']} requests in {got['seconds']:.2f} s: "
+                f"{got['requests'] / got['seconds']:.0f} requests/s "
+                f"({got['requests'] / got['seconds'] / 2:.0f} messages/s), "
+                f"{got['refused']} refused"
+            )
+            if got["refused"]:
+                raise bl.BenchError(f"the policy service refused: {got['last']}")
     except (bl.BenchError, OSError, smtplib.SMTPException, ssl.SSLError) as exc:
         return bl.fail(f"{exc}\nrerun: {rerun}")
     except KeyboardInterrupt:

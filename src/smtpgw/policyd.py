@@ -178,19 +178,27 @@ class Redis:
         return reader, writer
 
     async def call(self, *args: Any) -> Any:
-        conn = self._idle.pop() if self._idle else await self._connect()
-        reader, writer = conn
-        try:
-            writer.write(_encode(args))
-            reply = await asyncio.wait_for(_read_reply(reader), self.timeout)
-        except RedisReplyError:
+        # A kept connection may have died with a Redis restart: then once more on a new one.
+        for fresh in (not self._idle, True):
+            conn = await self._connect() if fresh else self._idle.pop()
+            reader, writer = conn
+            try:
+                writer.write(_encode(args))
+                reply = await asyncio.wait_for(_read_reply(reader), self.timeout)
+            except RedisReplyError:
+                self._idle.append(conn)
+                raise
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, RedisError) as exc:
+                writer.close()
+                if not fresh:
+                    for _, old in self._idle:
+                        old.close()
+                    self._idle.clear()
+                    continue
+                raise RedisError(f"{self.host}:{self.port}: {exc or type(exc).__name__}") from None
             self._idle.append(conn)
-            raise
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, RedisError) as exc:
-            writer.close()
-            raise RedisError(f"{self.host}:{self.port}: {exc or type(exc).__name__}") from None
-        self._idle.append(conn)
-        return reply
+            return reply
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def count(self, keys: list[str], argv: list[Any]) -> list[Any]:
         """Run COUNT_SCRIPT (by its SHA once Redis has it)."""

@@ -136,7 +136,11 @@ def test_recipients_over_the_limit_are_refused_at_rcpt():
         smtp.mail("bulk@other.test")
         replies = [smtp.rcpt(r) for r in rcpts]
         assert [c for c, _ in replies] == [250, 250, 250, 550, 550], replies
-        assert replies[3][1].decode() == "5.5.3 tenant other: at most 3 recipients per message"
+        text = replies[3][1].decode()
+        assert text.startswith("5.5.3 "), text
+        assert text.endswith(
+            "Recipient address rejected: tenant other: at most 3 recipients per message"
+        )
         code, _ = smtp.data(message("bulk@other.test", rcpts, token))
         assert code == 250
     arrived = LAB.find_mail(token)
@@ -161,12 +165,14 @@ def test_a_login_has_a_limit_of_its_own():
 def test_redis_down_defers_and_counting_resumes():
     before, refused = try_send("relay1", "bulk@other.test", "bulk@other.test")
     assert refused is None
+    since = "@" + LAB.exec("relay1", "date", "+%s").strip()
     LAB.exec("redis1", "systemctl", "stop", "redis-server")
     try:
         for relay in ("relay1", "relay2"):
             token, refused = try_send(relay, "bulk@other.test", "bulk@other.test")
             assert refused is not None and refused[0] == 451, refused
-            assert "4.3.0 sending limits unavailable" in refused[1]
+            assert refused[1].startswith("4.3.0 "), refused
+            assert refused[1].endswith("sending limits unavailable; try again later"), refused
         logged = LAB.exec(
             "relay1",
             "journalctl",
@@ -194,7 +200,7 @@ def test_redis_down_defers_and_counting_resumes():
     LAB.find_mail(token)
     assert int(redis_cli("ZCARD", "smtpgw:limits:tenant:other")) == count_before + 1
     assert "Redis reachable again" in LAB.exec(
-        "relay2", "journalctl", "-u", "smtpgw-policy", "--no-pager", "-o", "cat"
+        "relay2", "journalctl", "-u", "smtpgw-policy", "--since", since, "--no-pager", "-o", "cat"
     )
 
 
