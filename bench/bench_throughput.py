@@ -614,7 +614,7 @@ def policy_service_rate(clients: int, pairs: int) -> dict:
 POLICY_SOCKET = "/var/spool/postfix/smtpgw-policy/policy.sock"
 POLICY_RESET = (
     "redis-cli --no-auth-warning -a \"$(python3 -c 'import json; "
-    "print(json.load(open(\"/etc/smtpgw/policy.json\"))[\"redis\"][\"password\"])')\" "
+    'print(json.load(open("/etc/smtpgw/policy.json"))["redis"]["password"])\')" '
     "DEL smtpgw:limits:tenant:bench >/dev/null"
 )
 
@@ -723,7 +723,7 @@ def main(argv: list[str]) -> int:
             report(loads, args.rounds)
 
             bl.section(
-                f"The policy service alone: {args.policy_clients} concurrent clients on its socket, "
+                f"The policy service alone: {args.policy_clients} concurrent clients, "
                 f"{args.policy_pairs} messages (RCPT + END-OF-MESSAGE) each, counted in Redis"
             )
             # The bench tenant's counter holds every message of this run: start it empty.

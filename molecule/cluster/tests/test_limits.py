@@ -129,6 +129,33 @@ def test_a_day_limit_holds_across_relays_logins_and_devices():
         LAB.find_mail(token)
 
 
+def test_limits_show(monkeypatch, capsys):
+    import json
+
+    from smtpgw import cli
+
+    monkeypatch.setenv("SMTPGW_LAB_NAME", "smtpgw-cl")
+    assert cli.main(["limits", "show", "limited", "--json", "--relay", "relay2"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [
+        {
+            "kind": "tenant",
+            "name": "limited",
+            "tenant": "limited",
+            "sent_day": 5,
+            "limit_day": 5,
+            "left_day": 0,
+            "sent_hour": 5,
+            "limit_hour": None,
+            "left_hour": None,
+            "recipients_per_message": 50,
+        }
+    ]
+    assert cli.main(["limits", "show", "other", "--relay", "relay1"]) == 0
+    table = capsys.readouterr().out
+    assert "login capped@other.test" in table and "tenant other" in table, table
+
+
 def test_recipients_over_the_limit_are_refused_at_rcpt():
     token = f"lim-{uuid.uuid4().hex}"
     rcpts = [f"{token}-{i}@dest.test" for i in range(5)]
