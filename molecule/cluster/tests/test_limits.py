@@ -231,6 +231,25 @@ def test_redis_down_defers_and_counting_resumes():
     )
 
 
+@pytest.mark.skipif(not os.environ.get("MOLECULE_INVENTORY_FILE"), reason="runs under Molecule")
+def test_a_redis_address_that_is_not_an_address_fails_before_any_change():
+    inventory = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
+    run = smtpgw_lab.run_playbook(
+        ROOT / "playbooks" / "site.yml",
+        inventory,
+        "-e",
+        "relay_redis_host=redis1.lab.test",
+        env={
+            "SMTPGW_TENANTS_DIR": str(Path(__file__).resolve().parents[1] / "tenants"),
+            "ANSIBLE_DISPLAY_OK_HOSTS": "false",
+        },
+    )
+    assert run.rc != 0
+    assert "relay_redis_host must be an IP address" in run.output, run.output[-3000:]
+    assert "'redis1.lab.test'" in run.output
+    assert run.changed_tasks == [], run.changed_tasks
+
+
 ROLLING_COUNT = 500
 ROLLING_SENDERS = 5
 ROLLING_PER_SESSION = 10
