@@ -12,7 +12,10 @@ rounds that rotate the order, it sends the same number of 5 KB messages through 
   deployment (`postconf -M`, for the bench only): no TLS, no login, no milter, relayed because
   the client is on the tenant's network;
 - `2587 no milter`: 587's settings (STARTTLS, AUTH) without rspamd, also added by the bench, so
-  the cost of TLS and AUTH and the cost of rspamd show apart.
+  the cost of TLS and AUTH and the cost of rspamd show apart;
+- `2588 no limits`: 587 exactly (TLS, AUTH, rspamd) without the policy service, so the cost of
+  the sending limits (a policy request at RCPT and at the end of DATA, a Lua script in the
+  relay's Redis) shows as the ratio of 587 to it.
 
 All paths go through the same Postfix, the same restrictions and the same onward delivery (direct,
 MX lookup, to the sink). Each path: `--sessions` parallel sessions, each session sends
@@ -70,9 +73,11 @@ class Entry:
 TLS_AUTH = Entry("587 full", 587, "starttls", True)
 BARE = Entry("2525 bare", 2525, "none", False)
 NO_MILTER = Entry("2587 no milter", 2587, "starttls", True)  # 587 without rspamd: where time goes
+# 587 exactly (TLS, AUTH, rspamd) without the policy service: what the sending limits cost.
+NO_LIMITS = Entry("2588 no limits", 2588, "starttls", True)
 PLAIN = Entry("25 plain", 25, "none", False)  # latency probe only (with the milter)
 IMPLICIT_AUTH = Entry("465 TLS+AUTH", 465, "implicit", True)  # latency probe only
-LOAD_PATHS = [BARE, TLS_AUTH, NO_MILTER]
+LOAD_PATHS = [BARE, TLS_AUTH, NO_MILTER, NO_LIMITS]
 # The bench's own smtpd services (master.cf, added after the deployment): bare (no TLS, no SASL,
 # no milter), and 587's settings without the milter.
 BENCH_SERVICES = (
@@ -83,6 +88,15 @@ BENCH_SERVICES = (
     "-o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes -o smtpd_milters= "
     "-o smtpd_sender_restrictions="
     "reject_non_fqdn_sender,reject_authenticated_sender_login_mismatch",
+    f"{NO_LIMITS.port}/inet={NO_LIMITS.port} inet n - y - - smtpd "
+    "-o syslog_name=postfix/bench-nolimits -o smtpd_tls_security_level=encrypt "
+    "-o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes "
+    "-o smtpd_sender_restrictions="
+    "reject_non_fqdn_sender,reject_authenticated_sender_login_mismatch "
+    "-o smtpd_recipient_restrictions=reject_non_fqdn_recipient "
+    "-o smtpd_end_of_data_restrictions= "
+    "-o smtpd_milters=unix:/rspamd/milter.sock -o milter_default_action=tempfail "
+    "-o milter_protocol=6",
 )
 
 
@@ -470,6 +484,8 @@ def bench_tenant(client_ip: str) -> dict[str, str]:
             f"  - login: {SENDER}\n"
             f'    password: "{PASSWORD}"\n'
             f"networks: [{client_ip}/32]\n"
+            "# Counted in Redis by the policy service on 587 (never reached in a bench run).\n"
+            "limits: {messages_per_day: 10000000, messages_per_hour: 1000000}\n"
         )
     }
 
@@ -539,7 +555,68 @@ def report(loads: list[Load], rounds: int) -> tuple[float, float]:
             ratios.append(a.rate / b.rate)
         if rounds > 1:
             print("      per round (accepted/s): " + ", ".join(f"{r:.2f}" for r in ratios))
-    return total(TLS_AUTH)[0], bare_rate
+    full, no_limits = total(TLS_AUTH)[0], total(NO_LIMITS)[0]
+    print(
+        f"   sending limits (587 full against 2588 no limits): {full / no_limits:.3f}, "
+        f"a cost of {(1 - full / no_limits) * 100:.1f} % of accepted/s"
+    )
+    return full, bare_rate
+
+
+# Run inside the relay: CLIENTS concurrent connections to the policy service's socket, each
+# sending PAIRS pairs of requests as Postfix does for a one-recipient message (RCPT, then
+# END-OF-MESSAGE), as the bench tenant's login; prints requests, seconds and refusals as JSON.
+POLICY_CLIENT = """
+import asyncio, json, time, uuid
+SOCKET, LOGIN, CLIENTS, PAIRS = %r, %r, %d, %d
+
+def request(state, instance):
+    return ("request=smtpd_access_policy\\nprotocol_state=%%s\\nprotocol_name=ESMTP\\n"
+            "client_address=10.0.0.1\\nsasl_username=%%s\\ninstance=%%s\\nqueue_id=Q%%s\\n"
+            "recipient=sink@dest.test\\n\\n" %% (state, LOGIN, instance, instance)).encode()
+
+async def client(results):
+    reader, writer = await asyncio.open_unix_connection(SOCKET)
+    for _ in range(PAIRS):
+        instance = uuid.uuid4().hex[:12]
+        for state in ("RCPT", "END-OF-MESSAGE"):
+            writer.write(request(state, instance))
+            await writer.drain()
+            reply = (await reader.readuntil(b"\\n\\n")).decode()
+            results["requests"] += 1
+            if reply.strip() != "action=DUNNO":
+                results["refused"] += 1
+                results["last"] = reply.strip()
+    writer.close()
+
+async def main():
+    results = {"requests": 0, "refused": 0, "last": ""}
+    started = time.monotonic()
+    await asyncio.gather(*(client(results) for _ in range(CLIENTS)))
+    results["seconds"] = time.monotonic() - started
+    print(json.dumps(results))
+
+asyncio.run(main())
+"""
+
+
+def policy_service_rate(clients: int, pairs: int) -> dict:
+    """The policy service alone, on the relay: requests/s from `clients` concurrent clients."""
+    import json
+
+    script = POLICY_CLIENT % (POLICY_SOCKET, SENDER, clients, pairs)
+    proc = bl.LAB.podman.run(
+        "exec", "-i", RELAY.container, "python3", "-", stdin=script, timeout=600
+    )
+    return json.loads(proc.stdout)
+
+
+POLICY_SOCKET = "/var/spool/postfix/smtpgw-policy/policy.sock"
+POLICY_RESET = (
+    "redis-cli --no-auth-warning -a \"$(python3 -c 'import json; "
+    'print(json.load(open("/etc/smtpgw/policy.json"))["redis"]["password"])\')" '
+    "DEL smtpgw:limits:tenant:bench >/dev/null"
+)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -553,6 +630,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=150.0, help="seconds per path and round")
     p.add_argument("--probes", type=int, help="sequential sessions per latency probe (default 30)")
     p.add_argument("--keep", action="store_true", help="leave the bench lab running afterwards")
+    p.add_argument(
+        "--policy-clients", type=int, default=50, help="concurrent clients of the policy service"
+    )
+    p.add_argument(
+        "--policy-pairs", type=int, default=200, help="RCPT + END-OF-MESSAGE pairs a client"
+    )
     args = p.parse_args(argv)
     args.messages = args.messages or (1000 if args.quick else 2000)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -589,7 +672,8 @@ def main(argv: list[str]) -> int:
 
             bl.section(f"Sink: smtp-sink on {MX.container} port 25 instead of Postfix")
             sink_start()
-            for path, signatures in ((BARE, 0), (NO_MILTER, 0), (TLS_AUTH, 2)):  # one each way
+            # One message each way.
+            for path, signatures in ((BARE, 0), (NO_MILTER, 0), (TLS_AUTH, 2), (NO_LIMITS, 2)):
                 sink_clear()
                 smtp = open_session(path, tls_context())
                 smtp.sendmail(SENDER, [RECIPIENT], message(args.size, "check"))
@@ -637,6 +721,22 @@ def main(argv: list[str]) -> int:
             wait_queue_empty(timeout=30)
             bl.section("Results (same run, same relay, same onward path)")
             report(loads, args.rounds)
+
+            bl.section(
+                f"The policy service alone: {args.policy_clients} concurrent clients, "
+                f"{args.policy_pairs} messages (RCPT + END-OF-MESSAGE) each, counted in Redis"
+            )
+            # The bench tenant's counter holds every message of this run: start it empty.
+            bl.on("relay1", "sh", "-c", POLICY_RESET)
+            got = policy_service_rate(args.policy_clients, args.policy_pairs)
+            print(
+                f"   {got['requests']} requests in {got['seconds']:.2f} s: "
+                f"{got['requests'] / got['seconds']:.0f} requests/s "
+                f"({got['requests'] / got['seconds'] / 2:.0f} messages/s), "
+                f"{got['refused']} refused"
+            )
+            if got["refused"]:
+                raise bl.BenchError(f"the policy service refused: {got['last']}")
     except (bl.BenchError, OSError, smtplib.SMTPException, ssl.SSLError) as exc:
         return bl.fail(f"{exc}\nrerun: {rerun}")
     except KeyboardInterrupt:

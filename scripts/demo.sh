@@ -29,8 +29,9 @@ if [[ $lab_name != smtpgw-lab ]]; then
     playbook_args=(-i "$inventory/hosts.yml" -e "lab_pki_dir=$root/$pki")
 fi
 
-step "Lab hosts"
-smtpgw lab up
+step "Lab hosts: one relay with the DNS server, the MX and the smart host around it"
+# (`smtpgw lab up` with no names also starts relay2 and redis1: a cluster of two relays.)
+smtpgw lab up relay1 dns1 mx1 upstream1
 
 step "Lab services: CA, DNS, receiving MX, smart host (playbooks/lab.yml)"
 ansible-playbook "${playbook_args[@]}" playbooks/lab.yml

@@ -341,6 +341,7 @@ ROLE_PLAYBOOK = """\
         relay_tenants_dir: "{{ playbook_dir }}/tenants"
         relay_tls_certificate: "{{ lookup('ansible.builtin.file', playbook_dir ~ '/relay.crt') }}"
         relay_tls_private_key: "{{ lookup('ansible.builtin.file', playbook_dir ~ '/relay.key') }}"
+        relay_redis_password: coll-test-redis-password
 """
 
 

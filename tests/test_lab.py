@@ -150,4 +150,7 @@ def test_missing_image_is_one_clear_message(clean_lab):
 def test_unknown_host_is_refused():
     up = smtpgw("up", "mx9")
     assert up.returncode == 1
-    assert "unknown lab host(s): mx9; the lab has: relay1, dns1, mx1, upstream1" in up.stderr
+    assert (
+        "unknown lab host(s): mx9; the lab has: relay1, dns1, mx1, upstream1, relay2, redis1"
+        in up.stderr
+    )

@@ -35,6 +35,7 @@ def test_every_file_once_with_its_owner_mode_and_service():
         "/etc/rspamd/smtpgw/domains.map",
         "/etc/rspamd/smtpgw/logins.map",
         "/etc/rspamd/smtpgw/networks.map",
+        "/etc/smtpgw/limits.json",
     ]
     secret = {n for n, f in files.items() if f["secret"]}
     assert secret == {"/etc/dovecot/smtpgw-users", "/etc/postfix/smtpgw/sasl_passwd"}

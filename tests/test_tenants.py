@@ -104,9 +104,22 @@ def test_full_tenant_is_normalised():
             {"login": "printer@mail.acme.test", "password_hash": GIVEN_HASH},
         ],
         "networks": ["192.0.2.0/28", "2001:db8::/48", "198.51.100.7/32"],
-        "limits": {"messages_per_day": 100, "recipients_per_message": 20},
+        "limits": {
+            "messages_per_day": 100,
+            "messages_per_hour": None,
+            "recipients_per_message": 20,
+            "logins": {},
+        },
         "relay": {"via": "smart1"},
     }
+
+
+NO_LIMITS = {
+    "messages_per_day": None,
+    "messages_per_hour": None,
+    "recipients_per_message": 50,
+    "logins": {},
+}
 
 
 def test_defaults():
@@ -115,14 +128,14 @@ def test_defaults():
         "domains": ["acme.test"],
         "users": [],
         "networks": [],
-        "limits": {"messages_per_day": None, "recipients_per_message": 50},
+        "limits": NO_LIMITS,
         "relay": {},
     }
 
 
 def test_null_optional_fields_mean_defaults():
     data = {"domains": ["acme.test"], "users": None, "networks": None, "limits": None}
-    assert only_tenant(data)["limits"] == {"messages_per_day": None, "recipients_per_message": 50}
+    assert only_tenant(data)["limits"] == NO_LIMITS
 
 
 def test_empty_input_gives_no_tenants():
@@ -569,7 +582,7 @@ def test_limits_must_be_a_mapping():
 
 def test_limits_partial():
     limits = only_tenant(tenant(limits={"messages_per_day": 7}))["limits"]
-    assert limits == {"messages_per_day": 7, "recipients_per_message": 50}
+    assert limits == {**NO_LIMITS, "messages_per_day": 7}
 
 
 # --------------------------------------------------------------------------------------
@@ -808,7 +821,7 @@ def test_action_plugin_through_ansible_playbook(tmp_path: Path):
             }
         ],
         "networks": ["192.0.2.0/28"],
-        "limits": {"messages_per_day": None, "recipients_per_message": 50},
+        "limits": NO_LIMITS,
         "relay": {"via": "smart1"},
     }
     assert secret not in json.dumps(result)
@@ -902,3 +915,54 @@ def test_action_plugin_documentation_is_valid_yaml():
         "salt_key",
         "smarthosts",
     ]
+
+
+def test_limits_per_hour_and_per_login():
+    data = tenant(
+        users=[{"login": "App@acme.test", "password_hash": GIVEN_HASH}],
+        limits={
+            "messages_per_day": 100,
+            "messages_per_hour": 10,
+            "logins": {"app@ACME.test": {"messages_per_day": 5}},
+        },
+    )
+    assert only_tenant(data)["limits"] == {
+        "messages_per_day": 100,
+        "messages_per_hour": 10,
+        "recipients_per_message": 50,
+        "logins": {"app@acme.test": {"messages_per_day": 5}},
+    }
+
+
+def test_limit_override_for_a_login_the_tenant_lacks():
+    data = tenant(
+        users=[{"login": "app@acme.test", "password_hash": GIVEN_HASH}],
+        limits={"logins": {"ghost@acme.test": {"messages_per_day": 5}}},
+    )
+    assert_error(
+        errors_for(data),
+        FILE,
+        "limits.logins.ghost@acme.test",
+        "not a login of this tenant (its logins: app@acme.test)",
+        "listed under users",
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "what"),
+    [
+        ({"messages_per_hour": 0}, "must be positive"),
+        ({"messages_per_day": -3}, "must be positive"),
+        ({"messages_per_hour": 1_000_001}, "more than the most allowed"),
+        ({"messages_per_dya": 5}, "'messages_per_dya'"),
+        ({}, "gives no limit"),
+        (7, "must be a mapping"),
+    ],
+)
+def test_bad_login_limits(override: object, what: str):
+    data = tenant(
+        users=[{"login": "app@acme.test", "password_hash": GIVEN_HASH}],
+        limits={"logins": {"app@acme.test": override}},
+    )
+    errors = errors_for(data)
+    assert any("limits.logins.app@acme.test" in e and what in e for e in errors), errors

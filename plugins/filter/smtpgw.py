@@ -45,6 +45,17 @@ def smtpgw_spf_mechanisms(smarthosts, overrides=None):
     return _presets.spf_mechanisms(smarthosts, overrides)
 
 
+def smtpgw_is_ip_address(value):
+    """True when value is an IPv4 or IPv6 address (not a name, not a network)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(str(value))
+    except ValueError:
+        return False
+    return True
+
+
 class FilterModule:
     def filters(self):
         return {
@@ -53,4 +64,5 @@ class FilterModule:
             "smtpgw_relay_files": smtpgw_relay_files,
             "smtpgw_signing_domains": smtpgw_signing_domains,
             "smtpgw_spf_mechanisms": smtpgw_spf_mechanisms,
+            "smtpgw_is_ip_address": smtpgw_is_ip_address,
         }

@@ -239,6 +239,41 @@ def cmd_dns(args: argparse.Namespace) -> int:
             server.close()
 
 
+def cmd_limits_show(args: argparse.Namespace) -> int:
+    """Counters, limits and what is left, per tenant, as a relay reads them from its Redis (the
+    relays' own copy of the policy service: `policyd.py show`), through the lab's podman."""
+    import json
+
+    cmd = ["python3", "/usr/local/lib/smtpgw/policyd.py", "show", "/etc/smtpgw/policy.json"]
+    cmd += [args.tenant] if args.tenant else []
+    proc = lab.Lab.from_env().exec(args.relay, *cmd, "--json")
+    try:
+        rows = json.loads(proc)
+    except ValueError:
+        print(f"smtpgw: limits show on {args.relay} failed: {proc.strip()}", file=sys.stderr)
+        return 1
+    if args.tenant and not rows:
+        print(f"smtpgw: no tenant {args.tenant} with limits on {args.relay}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    show = [
+        {
+            "tenant": r["tenant"],
+            "who": f"{r['kind']} {r['name']}",
+            "day (sent/limit/left)": f"{r['sent_day']}/{r['limit_day'] or '-'}/"
+            f"{'-' if r['left_day'] is None else r['left_day']}",
+            "hour (sent/limit/left)": f"{r['sent_hour']}/{r['limit_hour'] or '-'}/"
+            f"{'-' if r['left_hour'] is None else r['left_hour']}",
+            "recipients/message": str(r["recipients_per_message"] or "-"),
+        }
+        for r in rows
+    ]
+    print(_table(show))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smtpgw", description="SMTP gateways as code")
     sub = p.add_subparsers(dest="command", required=True)
@@ -299,6 +334,16 @@ def parser() -> argparse.ArgumentParser:
         if name == "check":
             p_cmd.add_argument("--json", action="store_true", help="findings as JSON")
         p_cmd.set_defaults(func=cmd_dns)
+
+    p_lim = sub.add_parser("limits", help="tenants' sending limits and counters")
+    lim_sub = p_lim.add_subparsers(dest="limits_command", required=True)
+    p_show = lim_sub.add_parser(
+        "show", help="counters, limits and what is left per tenant, from the relays' Redis"
+    )
+    p_show.add_argument("tenant", nargs="?", help="one tenant (default: all)")
+    p_show.add_argument("--json", action="store_true", help="as JSON")
+    p_show.add_argument("--relay", default="relay1", help="the lab relay to ask (default relay1)")
+    p_show.set_defaults(func=cmd_limits_show)
     return p
 
 

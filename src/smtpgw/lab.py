@@ -52,6 +52,8 @@ HOSTS: dict[str, LabHost] = {
         LabHost("dns1", 53, ("lab_dns",), "authoritative DNS for the lab zones"),
         LabHost("mx1", 25, ("lab_mx",), "receives relayed mail and keeps it"),
         LabHost("upstream1", 26, ("lab_upstream",), "smart host: STARTTLS + AUTH"),
+        LabHost("relay2", 12, ("relays",), "a second relay, sharing redis1 with relay1"),
+        LabHost("redis1", 16, ("redis",), "Redis: the relays' shared sending-limit counters"),
     )
 }
 

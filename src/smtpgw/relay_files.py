@@ -22,10 +22,15 @@ rspamd's maps:
 - ``domains.map``: ``tenant domain,domain`` - the domains a tenant may use in the envelope
   sender (devices) and the header From (everyone);
 - ``dkim_signing.conf``: the signing table, both keys of every tenant domain.
+
+The policy service's limits (``limits.json``, read by src/smtpgw/policyd.py on the relay): the
+limits of every tenant, the tenant (and limits of its own, if any) of every login, and the
+tenant of every network.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -45,6 +50,7 @@ class RelayPaths:
         self.rspamd_maps = paths.get("rspamd_maps", "/etc/rspamd/smtpgw")
         self.rspamd_local = paths.get("rspamd_local", "/etc/rspamd/local.d")
         self.dkim_keys = paths.get("dkim_keys", "/var/lib/rspamd/smtpgw-dkim")
+        self.limits = paths.get("limits", "/etc/smtpgw/limits.json")
 
 
 # Postfix's hash: tables; `secret` ones hold passwords.
@@ -136,7 +142,49 @@ def relay_files(
             **rspamd,
         ),
     ]
+    files.append(_file(where.limits, limits_lines(tenants), notify="policy"))
     return files
+
+
+_LIMIT_KEYS = ("messages_per_day", "messages_per_hour", "recipients_per_message")
+
+
+def limits_document(tenants: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """What the policy service needs: tenants' limits, logins' tenants, networks' tenants."""
+    doc: dict[str, Any] = {"tenants": {}, "logins": {}, "networks": []}
+    for tenant in tenants:
+        name = str(tenant["name"])
+        limits = tenant.get("limits") or {}
+        doc["tenants"][name] = {k: limits.get(k) for k in _LIMIT_KEYS}
+        own = limits.get("logins") or {}
+        for user in tenant.get("users") or []:
+            entry: dict[str, Any] = {"tenant": name}
+            if user["login"] in own:
+                entry["limits"] = {k: own[user["login"]].get(k) for k in _LIMIT_KEYS}
+            doc["logins"][user["login"]] = entry
+        doc["networks"] += [[str(net), name] for net in tenant.get("networks") or []]
+    return doc
+
+
+def limits_lines(tenants: Iterable[Mapping[str, Any]]) -> list[str]:
+    """limits.json, one line per tenant, login and network (so a diff reads well)."""
+    doc = limits_document(tenants)
+    lines = ["{", '"tenants": {']
+    for part, closing in (("tenants", "},"), ("logins", "},")):
+        items = sorted(doc[part].items())
+        lines += [
+            f"  {json.dumps(k)}: {json.dumps(v, sort_keys=True)}"
+            + ("," if i < len(items) - 1 else "")
+            for i, (k, v) in enumerate(items)
+        ]
+        lines.append(closing)
+        if part == "tenants":
+            lines.append('"logins": {')
+    lines.append('"networks": [')
+    nets = doc["networks"]
+    lines += [f"  {json.dumps(n)}" + ("," if i < len(nets) - 1 else "") for i, n in enumerate(nets)]
+    lines += ["]", "}"]
+    return lines
 
 
 def signing_domains(tenants: Iterable[Mapping[str, Any]]) -> list[str]:

@@ -60,10 +60,16 @@ MIN_PASSWORD_LENGTH = 12
 
 TENANT_FIELDS = ("name", "state", "domains", "users", "networks", "limits", "relay", "dns")
 USER_FIELDS = ("login", "password", "password_hash")
-LIMIT_FIELDS = ("messages_per_day", "recipients_per_message")
+LIMIT_FIELDS = ("messages_per_day", "messages_per_hour", "recipients_per_message", "logins")
+# The limits a login may have of its own (limits.logins.<login>).
+LOGIN_LIMIT_FIELDS = ("messages_per_day", "messages_per_hour", "recipients_per_message")
 RELAY_FIELDS = ("via",)
 # Postfix's own smtpd_recipient_limit default is 1000; ten million a day is ~115 a second.
-LIMIT_MAXIMUMS = {"messages_per_day": 10_000_000, "recipients_per_message": 1000}
+LIMIT_MAXIMUMS = {
+    "messages_per_day": 10_000_000,
+    "messages_per_hour": 1_000_000,
+    "recipients_per_message": 1000,
+}
 
 #: The only fields whose values may be Jinja expressions (``[]`` stands for any list index).
 TEMPLATED_FIELDS = ("users[].password", "users[].password_hash", "networks[]")
@@ -468,7 +474,7 @@ def _check_file(
         "domains": domains,
         "users": users,
         "networks": networks,
-        "limits": _check_limits(check, data.get("limits")),
+        "limits": _check_limits(check, data.get("limits"), login_paths),
         "relay": _check_relay(check, data.get("relay"), smarthosts),
     }
     _smarthost_limits(tenant, data.get("limits"), smarthosts)
@@ -917,10 +923,16 @@ def _check_budget(
             )
 
 
-def _check_limits(check: _FileCheck, value: object) -> dict[str, int | None]:
-    limits: dict[str, int | None] = {
+def _check_limits(
+    check: _FileCheck, value: object, logins: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """``limits``: the tenant's, and ``logins``: {login: its own limits} for logins that have
+    them (each a login of the tenant; a limit left out there is the tenant's)."""
+    limits: dict[str, Any] = {
         "messages_per_day": None,
+        "messages_per_hour": None,
         "recipients_per_message": DEFAULT_RECIPIENTS_PER_MESSAGE,
+        "logins": {},
     }
     if value is None:
         return limits
@@ -930,11 +942,20 @@ def _check_limits(check: _FileCheck, value: object) -> dict[str, int | None]:
     if mapping is None:
         return limits
     _check_keys(check, "limits", mapping, LIMIT_FIELDS)
-    for key in LIMIT_FIELDS:
+    limits.update(_check_limit_numbers(check, "limits", mapping, LOGIN_LIMIT_FIELDS))
+    limits["logins"] = _check_login_limits(check, mapping.get("logins"), logins)
+    return limits
+
+
+def _check_limit_numbers(
+    check: _FileCheck, parent: str, mapping: Mapping[Any, Any], keys: tuple[str, ...]
+) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for key in keys:
         item = mapping.get(key)
         if item is None:
             continue
-        path = join_path("limits", key)
+        path = join_path(parent, key)
         if isinstance(item, str) and is_template(item):
             check.text(path, item)
         elif isinstance(item, bool) or not isinstance(item, int):
@@ -955,8 +976,43 @@ def _check_limits(check: _FileCheck, value: object) -> dict[str, int | None]:
                 + (" for no daily limit" if key == "messages_per_day" else ""),
             )
         else:
-            limits[key] = int(item)
-    return limits
+            found[key] = int(item)
+    return found
+
+
+def _check_login_limits(
+    check: _FileCheck, value: object, logins: Mapping[str, str] | None
+) -> dict[str, dict[str, int]]:
+    if value is None:
+        return {}
+    mapping = _expect_mapping(
+        check, "limits.logins", value, "limits: {logins: {app@acme.test: {messages_per_day: 20}}}"
+    )
+    if mapping is None:
+        return {}
+    found: dict[str, dict[str, int]] = {}
+    for login, item in mapping.items():
+        path = join_path("limits.logins", str(login))
+        known_logins = {name.lower(): name for name in logins or {}}
+        key = known_logins.get(str(login).strip().lower(), str(login).strip())
+        if logins is not None and key not in logins:
+            known = ", ".join(sorted(logins)) or "none"
+            check.error(
+                path,
+                f"'{login}' is not a login of this tenant (its logins: {known})",
+                "write a login listed under users, or remove this override",
+            )
+            continue
+        own = _expect_mapping(check, path, item, f"{login}: {{messages_per_day: 20}}")
+        if own is None:
+            continue
+        _check_keys(check, path, own, LOGIN_LIMIT_FIELDS)
+        numbers = _check_limit_numbers(check, path, own, LOGIN_LIMIT_FIELDS)
+        if not own:
+            check.error(path, "gives no limit", "write at least one, e.g. messages_per_day: 20")
+        if numbers:
+            found[key] = numbers
+    return found
 
 
 def _check_relay(

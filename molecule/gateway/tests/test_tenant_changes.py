@@ -15,7 +15,8 @@ from gwlab import run_site
 from smtpgw.smtpclient import connect, send
 
 # What a tenant change may touch on the relay: its files (tables, logins, rspamd's maps and
-# signing table), the tables' databases, its domains' DKIM keys, and rspamd's reload.
+# signing table, the policy service's limits), the tables' databases, its domains' DKIM keys, and
+# the reloads of rspamd, Postfix and the policy service.
 TENANT_TASKS = {
     "relay : files | Render the tenant files",
     "relay : postfix | Build the databases of changed tables",
@@ -23,6 +24,7 @@ TENANT_TASKS = {
     "relay : dkim | Install the private keys, and only them",
     "relay : Reload rspamd",
     "relay : Reload Postfix",
+    "relay : Reload the policy service",
 }
 
 

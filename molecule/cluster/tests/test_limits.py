@@ -1,0 +1,333 @@
+"""Sending limits over SMTP, on two relays that share redis1's counters (the cluster scenario).
+
+Tenant `limited`: 5 messages a day, for its login and for its network (this machine, a device).
+Tenant `other`: 100000 a day (so every message is counted in Redis), 3 recipients a message, and
+the login capped@other.test with 2 a day of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import smtplib
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from smtpgw import lab as smtpgw_lab
+from smtpgw.smtpclient import Submission, connect
+
+ROOT = Path(__file__).resolve().parents[3]
+LAB = smtpgw_lab.Lab("smtpgw-cl", root=ROOT)
+CA = str(ROOT / ".lab" / "pki" / "ca.crt")
+REDIS_PW = "lab-redis-counters-pw"
+PASSWORDS = {
+    "app@limited.test": "lab-acme-app-password",
+    "bulk@other.test": "lab-acme-scanner-pw",
+    "capped@other.test": "lab-globex-billing-pw",
+}
+DAY_TEXT = re.compile(
+    r"tenant limited: 5 messages per day reached; next slot in 2[34]h\d\dm|"
+    r"tenant limited: 5 messages per day reached; next slot in 24h00m"
+)
+
+
+def redis_cli(*args: str) -> str:
+    return LAB.exec(
+        "redis1", "redis-cli", "--no-auth-warning", "-a", REDIS_PW, "-h", LAB.ip("redis1"), *args
+    )
+
+
+def clear_counters() -> None:
+    keys = redis_cli("--scan", "--pattern", "smtpgw:limits:*").split()
+    if keys:
+        redis_cli("DEL", *keys)
+
+
+def sub(relay: str, login: str | None = None) -> Submission:
+    if login is None:  # a device on the tenant's network: port 25, no login
+        return Submission(LAB.ip(relay), 25, "none", timeout=30)
+    return Submission(
+        LAB.ip(relay),
+        587,
+        "starttls",
+        server_name=f"{relay}.lab.test",
+        cafile=CA,
+        login=login,
+        password=PASSWORDS[login],
+        timeout=30,
+    )
+
+
+def message(sender: str, rcpts: list[str], token: str) -> str:
+    return (
+        f"From: <{sender}>\r\nTo: <{rcpts[0]}>\r\nSubject: {token}\r\n"
+        f"Message-ID: <{token}@smtpgw.test>\r\nX-Token: {token}\r\n\r\nbody {token}\r\n"
+    )
+
+
+def try_send(relay: str, login: str | None, sender: str, rcpts: list[str] | None = None):
+    """Send one message; returns (token, None) when accepted, else (token, (code, text))
+    of the first refusal (at RCPT, at the end of DATA)."""
+    token = f"lim-{uuid.uuid4().hex}"
+    rcpts = rcpts or [f"{token}@dest.test"]
+    with connect(sub(relay, login)) as smtp:
+        code, reply = smtp.mail(sender)
+        assert code == 250, reply
+        refused = None
+        accepted = []
+        for rcpt in rcpts:
+            code, reply = smtp.rcpt(rcpt)
+            if code == 250:
+                accepted.append(rcpt)
+            elif refused is None:
+                refused = (code, reply.decode())
+        if not accepted:
+            smtp.rset()
+            return token, refused
+        code, reply = smtp.data(message(sender, rcpts, token))
+        if code != 250:
+            return token, (code, reply.decode())
+    return token, refused
+
+
+def test_a_day_limit_holds_across_relays_logins_and_devices():
+    clear_counters()
+    plan = [
+        ("relay1", "app@limited.test"),
+        ("relay2", "app@limited.test"),
+        ("relay1", None),
+        ("relay2", None),
+        ("relay2", "app@limited.test"),
+    ]
+    tokens = []
+    for relay, login in plan:
+        token, refused = try_send(relay, login, "app@limited.test")
+        assert refused is None, (relay, login, refused)
+        tokens.append(token)
+    for token in tokens:
+        LAB.find_mail(token)
+    # The sixth: refused on either relay, to the login and to the device, with the limit's text.
+    for relay, login in (
+        ("relay1", "app@limited.test"),
+        ("relay2", None),
+        ("relay2", "app@limited.test"),
+    ):
+        token, refused = try_send(relay, login, "app@limited.test")
+        assert refused is not None, (relay, login)
+        code, text = refused
+        assert code == 452 and text.startswith("4.7.1 "), refused
+        assert DAY_TEXT.search(text), text
+        assert not LAB.mail_files(token)
+    # Another tenant on the same relays sends on.
+    for relay in ("relay1", "relay2"):
+        token, refused = try_send(relay, "bulk@other.test", "bulk@other.test")
+        assert refused is None, refused
+        LAB.find_mail(token)
+
+
+def test_limits_show(monkeypatch, capsys):
+    import json
+
+    from smtpgw import cli
+
+    monkeypatch.setenv("SMTPGW_LAB_NAME", "smtpgw-cl")
+    assert cli.main(["limits", "show", "limited", "--json", "--relay", "relay2"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows == [
+        {
+            "kind": "tenant",
+            "name": "limited",
+            "tenant": "limited",
+            "sent_day": 5,
+            "limit_day": 5,
+            "left_day": 0,
+            "sent_hour": 5,
+            "limit_hour": None,
+            "left_hour": None,
+            "recipients_per_message": 50,
+        }
+    ]
+    assert cli.main(["limits", "show", "other", "--relay", "relay1"]) == 0
+    table = capsys.readouterr().out
+    assert "login capped@other.test" in table and "tenant other" in table, table
+
+
+def test_recipients_over_the_limit_are_refused_at_rcpt():
+    token = f"lim-{uuid.uuid4().hex}"
+    rcpts = [f"{token}-{i}@dest.test" for i in range(5)]
+    with connect(sub("relay1", "bulk@other.test")) as smtp:
+        smtp.mail("bulk@other.test")
+        replies = [smtp.rcpt(r) for r in rcpts]
+        assert [c for c, _ in replies] == [250, 250, 250, 550, 550], replies
+        text = replies[3][1].decode()
+        assert text.startswith("5.5.3 "), text
+        assert text.endswith(
+            "Recipient address rejected: tenant other: at most 3 recipients per message"
+        )
+        code, _ = smtp.data(message("bulk@other.test", rcpts, token))
+        assert code == 250
+    arrived = LAB.find_mail(token)
+    delivered = LAB.exec("mx1", "sh", "-c", f"grep -rl 'X-Token: {token}' {smtpgw_lab.MAILDIR}")
+    assert len(delivered.split()) == 3, arrived
+
+
+def test_a_login_has_a_limit_of_its_own():
+    redis_cli("DEL", "smtpgw:limits:login:capped@other.test")
+    for relay in ("relay1", "relay2"):
+        token, refused = try_send(relay, "capped@other.test", "capped@other.test")
+        assert refused is None, refused
+        LAB.find_mail(token)
+    token, refused = try_send("relay1", "capped@other.test", "capped@other.test")
+    assert refused and refused[0] == 452, refused
+    assert "login capped@other.test: 2 messages per day reached" in refused[1]
+    # The tenant's other login is not held by it.
+    token, refused = try_send("relay1", "bulk@other.test", "bulk@other.test")
+    assert refused is None, refused
+
+
+def test_redis_down_defers_and_counting_resumes():
+    before, refused = try_send("relay1", "bulk@other.test", "bulk@other.test")
+    assert refused is None
+    since = "@" + LAB.exec("relay1", "date", "+%s").strip()
+    LAB.exec("redis1", "systemctl", "stop", "redis-server")
+    try:
+        for relay in ("relay1", "relay2"):
+            token, refused = try_send(relay, "bulk@other.test", "bulk@other.test")
+            assert refused is not None and refused[0] == 451, refused
+            assert refused[1].startswith("4.3.0 "), refused
+            assert refused[1].endswith("sending limits unavailable; try again later"), refused
+        logged = LAB.exec(
+            "relay1",
+            "journalctl",
+            "-u",
+            "smtpgw-policy",
+            "--since",
+            "-2min",
+            "--no-pager",
+            "-o",
+            "cat",
+        )
+        assert logged.count("Redis unreachable") == 1, logged
+    finally:
+        LAB.exec("redis1", "systemctl", "start", "redis-server")
+    # What was accepted before arrives; after Redis is back, mail is taken and counted again.
+    LAB.find_mail(before)
+    count_before = int(redis_cli("ZCARD", "smtpgw:limits:tenant:other"))
+    deadline = time.monotonic() + 30
+    while True:
+        token, refused = try_send("relay2", "bulk@other.test", "bulk@other.test")
+        if refused is None or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert refused is None, refused
+    LAB.find_mail(token)
+    assert int(redis_cli("ZCARD", "smtpgw:limits:tenant:other")) == count_before + 1
+    assert "Redis reachable again" in LAB.exec(
+        "relay2", "journalctl", "-u", "smtpgw-policy", "--since", since, "--no-pager", "-o", "cat"
+    )
+
+
+@pytest.mark.skipif(not os.environ.get("MOLECULE_INVENTORY_FILE"), reason="runs under Molecule")
+def test_a_redis_address_that_is_not_an_address_fails_before_any_change():
+    inventory = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
+    run = smtpgw_lab.run_playbook(
+        ROOT / "playbooks" / "site.yml",
+        inventory,
+        "-e",
+        "relay_redis_host=redis1.lab.test",
+        env={
+            "SMTPGW_TENANTS_DIR": str(Path(__file__).resolve().parents[1] / "tenants"),
+            "ANSIBLE_DISPLAY_OK_HOSTS": "false",
+        },
+    )
+    assert run.rc != 0
+    assert "relay_redis_host must be an IP address" in run.output, run.output[-3000:]
+    assert "'redis1.lab.test'" in run.output
+    assert run.changed_tasks == [], run.changed_tasks
+
+
+ROLLING_COUNT = 500
+ROLLING_SENDERS = 5
+ROLLING_PER_SESSION = 10
+
+
+def _send_many(count: int, offset: int, tokens: list[str], errors: list[str], pace: float):
+    """Send `count` messages over both relays in sessions of ROLLING_PER_SESSION, as a client does:
+    a 4xx or a lost connection is retried (the same message, the same token) on the other relay;
+    a message counts as sent once the relay answered 250 to its DATA."""
+    pending = [f"roll-{uuid.uuid4().hex}" for _ in range(count)]
+    relays = ["relay1", "relay2"]
+    attempts = 0
+    while pending and attempts < 200:
+        relay = relays[(offset + attempts) % 2]
+        attempts += 1
+        try:
+            with connect(sub(relay, "bulk@other.test")) as smtp:
+                for _ in range(ROLLING_PER_SESSION):
+                    if not pending:
+                        break
+                    token = pending[0]
+                    rcpt = f"{token}@dest.test"
+                    smtp.sendmail(
+                        "bulk@other.test", [rcpt], message("bulk@other.test", [rcpt], token)
+                    )
+                    tokens.append(pending.pop(0))
+                    time.sleep(pace)
+        except (smtplib.SMTPException, OSError):
+            time.sleep(0.5)
+    errors += pending
+
+
+@pytest.mark.skipif(not os.environ.get("MOLECULE_INVENTORY_FILE"), reason="runs under Molecule")
+def test_rolling_site_run_loses_nothing():
+    tokens: list[str] = []
+    errors: list[str] = []
+    # Spread over about a minute, while the run changes relay1, then relay2.
+    each = ROLLING_COUNT // ROLLING_SENDERS
+    senders = [
+        threading.Thread(target=_send_many, args=(each, i, tokens, errors, 0.6))
+        for i in range(ROLLING_SENDERS)
+    ]
+    for sender in senders:
+        sender.start()
+    inventory = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
+    # A change to main.cf, so that each relay (one at a time) is reloaded while mail comes in.
+    size = int(LAB.exec("relay1", "postconf", "-h", "message_size_limit"))
+    run = smtpgw_lab.run_playbook(
+        ROOT / "playbooks" / "site.yml",
+        inventory,
+        "-e",
+        f"relay_message_size_limit={size + 1 if size % 2 == 0 else size - 1}",
+        env={
+            "SMTPGW_TENANTS_DIR": str(Path(__file__).resolve().parents[1] / "tenants"),
+            "ANSIBLE_DISPLAY_OK_HOSTS": "false",
+        },
+    )
+    for sender in senders:
+        sender.join(timeout=600)
+    assert run.rc == 0, run.output[-3000:]
+    assert run.changed.get("smtpgw-cl-relay1") and run.changed.get("smtpgw-cl-relay2"), run.changed
+    assert not errors
+    assert len(tokens) == ROLLING_COUNT
+    deadline = time.monotonic() + 120
+    while True:
+        found = LAB.exec(
+            "mx1",
+            "sh",
+            "-c",
+            f"grep -rhoE '^X-Token: roll-[0-9a-f]+' {smtpgw_lab.MAILDIR} || true",
+        ).split()
+        seen = [t for t in found if t.startswith("roll-")]
+        if len(seen) >= ROLLING_COUNT or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    counts: dict[str, int] = {}
+    for t in seen:
+        counts[t] = counts.get(t, 0) + 1
+    assert all(counts.get(t) == 1 for t in tokens), {
+        t: counts.get(t, 0) for t in tokens if counts.get(t) != 1
+    }

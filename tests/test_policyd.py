@@ -1,0 +1,65 @@
+"""The policy service's pure parts: whose message, which counters, the refusal's text."""
+
+from __future__ import annotations
+
+from smtpgw import policyd
+from smtpgw.relay_files import limits_document
+
+TENANTS = [
+    {
+        "name": "acme",
+        "users": [{"login": "app@acme.test"}, {"login": "capped@acme.test"}],
+        "networks": ["192.0.2.0/24", "192.0.2.128/25"],
+        "limits": {
+            "messages_per_day": 5,
+            "messages_per_hour": None,
+            "recipients_per_message": 3,
+            "logins": {"capped@acme.test": {"messages_per_day": 2}},
+        },
+    },
+    {
+        "name": "beta",
+        "users": [],
+        "networks": ["192.0.2.200/32"],
+        "limits": {"messages_per_day": None, "recipients_per_message": 50, "logins": {}},
+    },
+]
+
+
+def limits() -> policyd.Limits:
+    return policyd.Limits(limits_document(TENANTS))
+
+
+def test_wait_text_rounds_up_to_the_minute():
+    assert policyd.wait_text(1) == "1m"
+    assert policyd.wait_text(60_000) == "1m"
+    assert policyd.wait_text(60_001) == "2m"
+    assert policyd.wait_text((2 * 60 + 13) * 60_000) == "2h13m"
+    assert policyd.wait_text(policyd.DAY_MS) == "24h00m"
+
+
+def test_tenant_of_a_login_and_of_an_address():
+    lim = limits()
+    assert lim.tenant_of("APP@acme.test", "") == ("acme", None)
+    assert lim.tenant_of("capped@acme.test", "") == ("acme", "capped@acme.test")
+    assert lim.tenant_of("nobody@acme.test", "192.0.2.1") is None
+    # The most specific network wins.
+    assert lim.tenant_of("", "192.0.2.200") == ("beta", None)
+    assert lim.tenant_of("", "192.0.2.7") == ("acme", None)
+    assert lim.tenant_of("", "198.51.100.1") is None
+
+
+def test_counters_of_a_message():
+    lim = limits()
+    assert [c[1] for c in lim.counters("acme", "capped@acme.test")] == [
+        "tenant acme",
+        "login capped@acme.test",
+    ]
+    assert lim.counters("beta", None) == []  # nothing to count: Redis is not asked
+    assert lim.effective("acme", "capped@acme.test")["recipients_per_message"] == 3
+
+
+def test_refusal_text_names_the_limit_and_the_wait():
+    counters = limits().counters("acme", None)
+    text = policyd.over_text(counters, [1, "day", 5, (2 * 60 + 13) * 60_000])
+    assert text == "452 4.7.1 tenant acme: 5 messages per day reached; next slot in 2h13m"
