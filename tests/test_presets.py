@@ -259,9 +259,10 @@ def test_preset_limits_become_the_tenants_defaults_where_it_sets_none():
     }
     result = validate_tenants(raw, smarthosts=hosts, templated=False)
     limits = {t["name"]: t["limits"] for t in result.tenants}
-    assert limits["a"] == {"messages_per_day": 10000, "recipients_per_message": 500}
-    assert limits["b"] == {"messages_per_day": 10, "recipients_per_message": 500}
-    assert limits["c"] == {"messages_per_day": None, "recipients_per_message": 50}
+    rest = {"messages_per_hour": None, "logins": {}}  # what no preset documents
+    assert limits["a"] == {"messages_per_day": 10000, "recipients_per_message": 500, **rest}
+    assert limits["b"] == {"messages_per_day": 10, "recipients_per_message": 500, **rest}
+    assert limits["c"] == {"messages_per_day": None, "recipients_per_message": 50, **rest}
 
 
 def test_tenants_check_of_an_inventory_reports_smarthost_errors(tmp_path: Path):
