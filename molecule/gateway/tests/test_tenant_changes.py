@@ -117,6 +117,7 @@ def test_add_change_remove_tenants(lab, tenants_copy: Path):
         "/etc/postfix",
         "/etc/dovecot",
         "/etc/rspamd",
+        "/etc/smtpgw",
         check=False,
     )
     assert traces == "", f"a removed tenant is still in {traces}"
