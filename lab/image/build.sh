@@ -63,7 +63,7 @@ if ! debootstrap --variant=minbase --include="$packages" bookworm "$root" "$mirr
 fi
 
 # Services the roles own start only when a role enables them.
-for unit in postfix dovecot named rspamd redis-server; do
+for unit in postfix dovecot named rspamd redis-server nftables; do
     chroot "$root" systemctl disable "$unit" >/dev/null 2>&1 || true
 done
 # Units that make no sense in a container, and slow its boot.

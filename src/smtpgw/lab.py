@@ -372,6 +372,8 @@ class Lab:
             "--ip",
             self.planned_ip(host),
             "--systemd=always",
+            # nftables inside the container: the roles' host firewalls, the tests' faults.
+            "--cap-add=NET_ADMIN",
             "--label",
             f"{self.label}=1",
             "--label",
