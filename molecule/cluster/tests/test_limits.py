@@ -21,7 +21,8 @@ from smtpgw import lab as smtpgw_lab
 from smtpgw.smtpclient import Submission, connect
 
 ROOT = Path(__file__).resolve().parents[3]
-LAB = smtpgw_lab.Lab("smtpgw-cl", root=ROOT)
+# The scenario's containers are <lab>-<host> (molecule.yml).
+LAB = smtpgw_lab.Lab(os.environ.get("SMTPGW_MOLECULE_LAB", "smtpgw-cl"), root=ROOT)
 CA = str(ROOT / ".lab" / "pki" / "ca.crt")
 REDIS_PW = "lab-redis-counters-pw"
 PASSWORDS = {
@@ -134,7 +135,7 @@ def test_limits_show(monkeypatch, capsys):
 
     from smtpgw import cli
 
-    monkeypatch.setenv("SMTPGW_LAB_NAME", "smtpgw-cl")
+    monkeypatch.setenv("SMTPGW_LAB_NAME", LAB.name)
     assert cli.main(["limits", "show", "limited", "--json", "--relay", "relay2"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows == [
@@ -310,7 +311,9 @@ def test_rolling_site_run_loses_nothing():
     for sender in senders:
         sender.join(timeout=600)
     assert run.rc == 0, run.output[-3000:]
-    assert run.changed.get("smtpgw-cl-relay1") and run.changed.get("smtpgw-cl-relay2"), run.changed
+    assert run.changed.get(LAB.container("relay1")) and run.changed.get(LAB.container("relay2")), (
+        run.changed
+    )
     assert not errors
     assert len(tokens) == ROLLING_COUNT
     deadline = time.monotonic() + 120

@@ -15,7 +15,7 @@ from smtpgw.smtpclient import Submission
 SCENARIO = Path(__file__).resolve().parents[1]
 ROOT = SCENARIO.parents[1]
 # The scenario's containers are smtpgw-gw-<host> (molecule.yml): the lab named smtpgw-gw.
-NAME = "smtpgw-gw"
+NAME = os.environ.get("SMTPGW_MOLECULE_LAB", "smtpgw-gw")
 MAILDIR = smtpgw_lab.MAILDIR
 
 

@@ -54,7 +54,7 @@ def lab_resolver(dns1):
 
 def write_inventory(path: Path, lab, localhost_vars: dict | None = None) -> Path:
     hosts = {
-        name: {"lab_ip": lab.hosts.ip(name), "ansible_host": f"smtpgw-gw-{name}"}
+        name: {"lab_ip": lab.hosts.ip(name), "ansible_host": lab.hosts.container(name)}
         for name in ("relay1", "dns1", "mx1", "upstream1")
     }
     store = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent / "dkim"
