@@ -7,7 +7,7 @@ export CONTAINERS_CONF := $(ROOT)/.lab/containers.conf
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 export MOLECULE_GLOB := molecule/*/molecule.yml
 # Scenarios `make test` runs, in order.
-SCENARIOS ?= gateway lab_upstream lab_dns cluster
+SCENARIOS ?= gateway cluster
 # The lab `make test` runs the demo in: beside the user's smtpgw-lab, never it.
 DEMO_CHECK_LAB := smtpgw-democheck
 DEMO_CHECK_SUBNET := 10.89.59.0/24

@@ -92,12 +92,23 @@ def lab_from_scenario() -> Lab:
     )
 
 
-def run_site(tenants_dir: Path, *extra: str) -> smtpgw_lab.PlaybookRun:
-    """Run playbooks/site.yml against the scenario's inventory with another tenants directory."""
+def run_playbook_on_scenario(
+    playbook: Path, *extra: str, env: dict[str, str] | None = None
+) -> smtpgw_lab.PlaybookRun:
+    """Run a playbook against the scenario's inventory, with the lab roles on the roles path."""
     inventory = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
     return smtpgw_lab.run_playbook(
-        ROOT / "playbooks" / "site.yml",
+        playbook,
         inventory,
+        *extra,
+        env={"ANSIBLE_ROLES_PATH": str(ROOT / "roles"), **(env or {})},
+    )
+
+
+def run_site(tenants_dir: Path, *extra: str) -> smtpgw_lab.PlaybookRun:
+    """Run playbooks/site.yml against the scenario's inventory with another tenants directory."""
+    return run_playbook_on_scenario(
+        ROOT / "playbooks" / "site.yml",
         *extra,
         env={"SMTPGW_TENANTS_DIR": str(tenants_dir), "ANSIBLE_DISPLAY_OK_HOSTS": "false"},
     )

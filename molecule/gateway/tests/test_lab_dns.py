@@ -1,10 +1,10 @@
-"""lab_dns and lab_resolver, verified by behaviour: DNS queries and RFC 2136 updates from the host,
-name lookups from client1 through dns1, and reruns of the roles with changed or bad input."""
+"""lab_dns and lab_resolver, verified by behaviour on the gateway scenario's own dns1: DNS queries
+and RFC 2136 updates from the host, name lookups from relay1 through dns1, and reruns of the roles
+with changed or bad input."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import uuid
 from pathlib import Path
@@ -19,13 +19,15 @@ import dns.tsigkeyring
 import dns.update
 import pytest
 import yaml
+from gwlab import NAME, ROOT, run_playbook_on_scenario
 
-from smtpgw.lab import run_playbook
-
-DNS1 = "smtpgw-labdns-dns1"
-CLIENT1 = "smtpgw-labdns-client1"
-PROJECT = Path(os.environ.get("MOLECULE_PROJECT_DIRECTORY", Path(__file__).resolve().parents[3]))
-TSIG = yaml.safe_load((PROJECT / "roles/lab_dns/defaults/main.yml").read_text())["lab_dns_tsig"]
+# The scenario's containers, as its inventory names them; relay1 resolves through dns1.
+DNS1 = f"{NAME}-dns1"
+CLIENT1 = f"{NAME}-relay1"
+TSIG = yaml.safe_load((ROOT / "roles/lab_dns/defaults/main.yml").read_text())["lab_dns_tsig"]
+ZONES = yaml.safe_load((ROOT / "inventories/lab/group_vars/all/dns.yml").read_text())[
+    "lab_dns_zones"
+]
 REFUSALS = (dns.rcode.REFUSED, dns.rcode.NOTAUTH)
 
 
@@ -67,18 +69,18 @@ def rerun(tmp_path: Path, target: str, role: str, role_vars: dict) -> tuple[int,
         "tasks": [{"ansible.builtin.include_role": {"name": role}, "vars": role_vars}],
     }
     playbook.write_text(json.dumps([play]))
-    run = run_playbook(
-        playbook,
-        os.environ["MOLECULE_INVENTORY_FILE"],
-        env={"ANSIBLE_ROLES_PATH": str(PROJECT / "roles")},
-        timeout=300,
-    )
+    run = run_playbook_on_scenario(playbook)
     return run.rc, " ".join(run.output.split())
 
 
 @pytest.fixture(scope="module")
-def dns1(ips) -> str:
-    return ips[DNS1]
+def dns1(lab) -> str:
+    return lab.hosts.ip("dns1")
+
+
+@pytest.fixture(scope="module")
+def mx1(lab) -> str:
+    return lab.hosts.ip("mx1")
 
 
 def test_named_enabled(lab_host):
@@ -94,9 +96,9 @@ def test_mx_record_published(dns1):
     assert answers(response) == ["10 mx1.lab.test."]
 
 
-def test_a_records(dns1, ips):
-    assert answers(query(dns1, "mx1.lab.test", "A")) == ["192.0.2.25"]
-    assert answers(query(dns1, "client1.lab.test", "A")) == [ips[CLIENT1]]
+def test_a_records(dns1, mx1, lab):
+    assert answers(query(dns1, "mx1.lab.test", "A")) == [mx1]
+    assert answers(query(dns1, "relay1.lab.test", "A")) == [lab.hosts.ip("relay1")]
     # The initial zone file's record of the name server itself.
     assert answers(query(dns1, "dns1.lab.test", "A")) == [dns1]
 
@@ -120,7 +122,7 @@ def test_other_updates_are_refused(dns1, ring):
 
 @pytest.fixture(scope="module")
 def mirror(lab_host) -> str:
-    """The Debian mirror's name, as client1's apt uses it: the name lab hosts need forwarded."""
+    """The Debian mirror's name, as relay1's apt uses it: the name lab hosts need forwarded."""
     sources = lab_host(CLIENT1).file("/etc/apt/sources.list.d/debian.sources").content_string
     host = re.search(r"^URIs:\s*\w+://([^/:\s]+)", sources, re.M).group(1)
     if re.fullmatch(r"[\d.]+|\[?[0-9a-fA-F:]+\]?", host):
@@ -136,12 +138,12 @@ def test_recursion_forwards(dns1, mirror):
     assert any(rrset.rdtype == dns.rdatatype.A for rrset in response.answer), response
 
 
-def test_client_resolves_through_dns1(lab_host, dns1, mirror):
+def test_client_resolves_through_dns1(lab_host, dns1, mx1, mirror):
     client = lab_host(CLIENT1)
     lines = client.file("/etc/resolv.conf").content_string.splitlines()
     assert [line for line in lines if line.startswith("nameserver")] == [f"nameserver {dns1}"]
     assert "search lab.test" in lines
-    assert client.check_output("getent ahostsv4 mx1.lab.test").split()[0] == "192.0.2.25"
+    assert client.check_output("getent ahostsv4 mx1.lab.test").split()[0] == mx1
     assert client.check_output("getent ahostsv4 dns1").split()[0] == dns1  # search lab.test
     # Not a lab zone: the name apt needs, through dns1's forwarding.
     assert client.run(f"getent ahostsv4 {mirror}").rc == 0
@@ -151,9 +153,7 @@ def test_added_zone_is_served_and_updates_are_kept(tmp_path, dns1):
     token = uuid.uuid4().hex
     assert update(dns1, "lab.test", f"t-{token}", token, keyring()) == dns.rcode.NOERROR
 
-    rc, output = rerun(
-        tmp_path, DNS1, "lab_dns", {"lab_dns_zones": ["lab.test", "dest.test", "added.test"]}
-    )
+    rc, output = rerun(tmp_path, DNS1, "lab_dns", {"lab_dns_zones": [*ZONES, "added.test"]})
     assert rc == 0, output
 
     soa = query(dns1, "added.test", "SOA")
@@ -165,13 +165,13 @@ def test_added_zone_is_served_and_updates_are_kept(tmp_path, dns1):
     assert answers(query(dns1, "dest.test", "MX")) == ["10 mx1.lab.test."]
 
 
-def test_rejected_configuration_is_never_written(tmp_path, lab_host, dns1):
+def test_rejected_configuration_is_never_written(tmp_path, lab_host, dns1, mx1):
     before = lab_host(DNS1).file("/etc/bind/named.conf.options").content_string
     rc, output = rerun(tmp_path, DNS1, "lab_dns", {"lab_dns_allow_recursion": ["no such acl"]})
     assert rc != 0
     assert "failed to validate" in output, output
     assert lab_host(DNS1).file("/etc/bind/named.conf.options").content_string == before
-    assert answers(query(dns1, "mx1.lab.test", "A")) == ["192.0.2.25"]
+    assert answers(query(dns1, "mx1.lab.test", "A")) == [mx1]
 
 
 @pytest.mark.parametrize(
