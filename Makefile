@@ -6,7 +6,7 @@ export PATH := $(ROOT)/.venv/bin:$(PATH)
 export CONTAINERS_CONF := $(ROOT)/.lab/containers.conf
 export ANSIBLE_CONFIG := $(ROOT)/ansible.cfg
 export MOLECULE_GLOB := molecule/*/molecule.yml
-# Scenarios `make test` runs, in order.
+# Scenarios `make test` runs, side by side (scripts/run-scenarios.sh; SMTPGW_MOLECULE_JOBS at once).
 SCENARIOS ?= gateway cluster
 # The lab `make test` runs the demo in: beside the user's smtpgw-lab, never it.
 DEMO_CHECK_LAB := smtpgw-democheck
@@ -45,7 +45,7 @@ unit: | $(COLLECTION_LINK)
 	pytest
 
 molecule: | $(COLLECTION_LINK)
-	@for s in $(SCENARIOS); do molecule test -s $$s || exit 1; done
+	@scripts/run-scenarios.sh $(SCENARIOS)
 
 bench: setup
 	@for b in bench/bench_*.py; do python $$b || exit 1; done
