@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,21 @@ class Lab:
         """The relay's Postfix queue (postqueue -j), one dict a message."""
         out = self.exec("relay1", "postqueue", "-j")
         return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def queued_for(self, rcpt: str) -> list[dict]:
+        """The relay's queued messages with `rcpt` among their recipients."""
+        return [m for m in self.queue() if any(r["address"] == rcpt for r in m["recipients"])]
+
+    def deferred(self, rcpt: str, timeout: float = 60) -> tuple[dict, str]:
+        """The queued message for `rcpt` and its delay reason, once it was tried and deferred."""
+        deadline = time.monotonic() + timeout
+        while True:
+            queued = self.queued_for(rcpt)
+            reasons = [r.get("delay_reason", "") for m in queued for r in m["recipients"]]
+            if queued and any(reasons):
+                return queued[0], next(reason for reason in reasons if reason)
+            assert time.monotonic() < deadline, f"{rcpt} never got deferred: {self.queue()}"
+            time.sleep(1)
 
     def relay_state(self) -> str:
         """Checksums of everything the relay role writes: equal means nothing changed."""

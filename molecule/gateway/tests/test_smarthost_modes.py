@@ -9,7 +9,6 @@ And a tenant that `smtpgw tenants new` writes deploys and relays."""
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from pathlib import Path
 
@@ -72,16 +71,9 @@ def test_a_wrong_name_on_the_certificate_defers_and_says_why(lab):
     rcpt = f"wrongname-{uuid.uuid4().hex[:12]}@dest.test"
     token = send(lab.submission("app@wayne.test", "lab-wayne-app-pw"), "app@wayne.test", rcpt)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            queued = [m for m in lab.queue() if any(r["address"] == rcpt for r in m["recipients"])]
-            reasons = [r.get("delay_reason", "") for m in queued for r in m["recipients"]]
-            if queued and any(reasons):
-                break
-            assert time.monotonic() < deadline, f"{rcpt} never got deferred: {lab.queue()}"
-            time.sleep(1)
-        assert queued[0]["queue_name"] == "deferred"
-        assert reasons[0] == "Server certificate not verified"
+        queued, reason = lab.deferred(rcpt)
+        assert queued["queue_name"] == "deferred"
+        assert reason == "Server certificate not verified"
         log = "\n".join(relay_journal(lab))
         assert re.search(
             r"server certificate verification failed for upstream1-alias\.lab\.test\[[\d.]+\]:587: "
@@ -90,9 +82,8 @@ def test_a_wrong_name_on_the_certificate_defers_and_says_why(lab):
         ), log[-2000:]
         assert lab.mail_count(token) == 0
     finally:
-        for message in lab.queue():
-            if any(r["address"] == rcpt for r in message["recipients"]):
-                lab.exec("relay1", "postsuper", "-d", message["queue_id"])
+        for message in lab.queued_for(rcpt):
+            lab.exec("relay1", "postsuper", "-d", message["queue_id"])
 
 
 def test_a_tenant_from_tenants_new_deploys_and_relays(lab, tenants_copy: Path):
