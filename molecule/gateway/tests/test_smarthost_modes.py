@@ -4,19 +4,15 @@ and no login, where upstream1 recognises the relay by its client certificate (th
 preset with auth: certificate). Each tenant of this scenario routes through one (tenants/), and
 the relay verifies upstream1's certificate against the smart host's name; under a name the
 certificate does not carry (upstream1-wrongname) the mail waits in the queue and says why.
-And a tenant that `smtpgw tenants new` writes deploys and relays."""
+"""
 
 from __future__ import annotations
 
 import re
 import uuid
-from pathlib import Path
 
 import pytest
-import yaml
-from gwlab import ROOT, SCENARIO, run_site
 
-from smtpgw import cli
 from smtpgw.smtpclient import send
 
 # tenant login, its smart host's port, the relay's transport (master.cf), how upstream1 took it
@@ -84,23 +80,3 @@ def test_a_wrong_name_on_the_certificate_defers_and_says_why(lab):
     finally:
         for message in lab.queued_for(rcpt):
             lab.exec("relay1", "postsuper", "-d", message["queue_id"])
-
-
-def test_a_tenant_from_tenants_new_deploys_and_relays(lab, tenants_copy: Path):
-    """`smtpgw tenants new` writes a file that site.yml deploys; its vaulted login relays."""
-    inventory = tenants_copy.parent  # with the scenario's smart hosts, for the check
-    (inventory / "group_vars").symlink_to(ROOT / "inventories" / "lab" / "group_vars")
-    vault = inventory / "vault.yml"
-    argv = ["tenants", "new", "initrode", "--domain", "initrode.test"]
-    assert cli.main([*argv, "--inventory", str(inventory), "--vault-file", str(vault)]) == 0
-    password = yaml.safe_load(vault.read_text())["vault_initrode_app"]
-    try:
-        run = run_site(tenants_copy, "-e", f"@{vault}")
-        assert run.rc == 0, run.output[-3000:]
-        token = send(
-            lab.submission("app@initrode.test", password), "app@initrode.test", "new@dest.test"
-        )
-        assert "From: app@initrode.test" in lab.find_mail(token)
-    finally:
-        restored = run_site(SCENARIO / "tenants")
-        assert restored.rc == 0, restored.output[-3000:]

@@ -5,13 +5,16 @@ with its own error."""
 
 from __future__ import annotations
 
+import re
 import smtplib
 import textwrap
 from pathlib import Path
 
 import pytest
-from gwlab import run_site
+import yaml
+from gwlab import ROOT, run_site
 
+from smtpgw import cli
 from smtpgw.smtpclient import connect, send
 
 # What a tenant change may touch on the relay: its files (tables, logins, rspamd's maps and
@@ -70,12 +73,24 @@ def assert_tenant_change_only(run):
 
 
 def test_add_change_remove_tenants(lab, tenants_copy: Path):
-    """Three runs: add two tenants; change a password; remove one by deleting its file and the
-    other with state: absent. The other tests' logins (scanner, billing) stay as they are."""
+    """Three runs: add three tenants (one written by `smtpgw tenants new`, its password in a vault
+    file); change a password; remove them by deleting their files and with state: absent. The
+    other tests' logins (scanner, billing) stay as they are."""
     # Add: the new tenants' logins relay on the next run (initech through its smart host).
     (tenants_copy / "initech.yml").write_text(INITECH)
     (tenants_copy / "hooli.yml").write_text(HOOLI)
-    assert_tenant_change_only(run_site(tenants_copy))
+    inventory = tenants_copy.parent  # with the scenario's smart hosts, for the check
+    (inventory / "group_vars").symlink_to(ROOT / "inventories" / "lab" / "group_vars")
+    vault = inventory / "vault.yml"
+    argv = ["tenants", "new", "initrode", "--domain", "initrode.test"]
+    assert cli.main([*argv, "--inventory", str(inventory), "--vault-file", str(vault)]) == 0
+    initrode_password = yaml.safe_load(vault.read_text())["vault_initrode_app"]
+    with_vault = ("-e", f"@{vault}")
+    assert_tenant_change_only(run_site(tenants_copy, *with_vault))
+    token = send(
+        login(lab, "app@initrode.test", initrode_password), "app@initrode.test", "new@dest.test"
+    )
+    assert "From: app@initrode.test" in lab.find_mail(token)
     initech = login(lab, "tps@initech.test", "initech-tps-reports")
     token = send(initech, "tps@initech.test", "added@dest.test")
     assert "Authenticated sender: relay@lab.test" in lab.find_mail(token)
@@ -87,7 +102,7 @@ def test_add_change_remove_tenants(lab, tenants_copy: Path):
     # Change a password: the new one works, the old one no longer does; others are untouched.
     acme = tenants_copy / "acme.yml"
     acme.write_text(acme.read_text().replace('"{{ lab_secret_acme_app }}"', "a-brand-new-app-pw"))
-    assert_tenant_change_only(run_site(tenants_copy))
+    assert_tenant_change_only(run_site(tenants_copy, *with_vault))
     token = send(
         login(lab, "app@acme.test", "a-brand-new-app-pw"), "app@acme.test", "changed@dest.test"
     )
@@ -105,15 +120,17 @@ def test_add_change_remove_tenants(lab, tenants_copy: Path):
     keys_dir = "/var/lib/rspamd/smtpgw-dkim"
     lab.exec("relay1", "chmod", "0644", f"{keys_dir}/acme.test.smtpgw-rsa.key")
     (tenants_copy / "initech.yml").unlink()
+    (tenants_copy / "initrode.yml").unlink()
     (tenants_copy / "hooli.yml").write_text("name: hooli\nstate: absent\n")
-    assert_tenant_change_only(run_site(tenants_copy))
+    assert_tenant_change_only(run_site(tenants_copy, *with_vault))
     assert_login_refused(lab, "tps@initech.test", "initech-tps-reports")
+    assert_login_refused(lab, "app@initrode.test", initrode_password)
     assert_login_refused(lab, "gavin@hooli.test", "hooli-nucleus-pw")
     traces = lab.exec(
         "relay1",
         "grep",
         "-rlE",
-        "initech|hooli|192\\.0\\.2\\.0",
+        "initech|initrode|hooli|192\\.0\\.2\\.0",
         "/etc/postfix",
         "/etc/dovecot",
         "/etc/rspamd",
@@ -129,7 +146,7 @@ def test_add_change_remove_tenants(lab, tenants_copy: Path):
         "-L",
         *lab.exec("relay1", "find", keys_dir, "-type", "f").split(),
     )
-    assert "hooli" not in keys and "initech" not in keys, keys
+    assert not {"hooli", "initech", "initrode"} & set(re.findall(r"[a-z]+", keys)), keys
     modes = {
         line.split()[0].rsplit("/", 1)[1]: line.split(None, 1)[1] for line in keys.splitlines()
     }
