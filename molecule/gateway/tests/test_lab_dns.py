@@ -25,9 +25,8 @@ from gwlab import NAME, ROOT, run_playbook_on_scenario
 DNS1 = f"{NAME}-dns1"
 CLIENT1 = f"{NAME}-relay1"
 TSIG = yaml.safe_load((ROOT / "roles/lab_dns/defaults/main.yml").read_text())["lab_dns_tsig"]
-ZONES = yaml.safe_load((ROOT / "inventories/lab/group_vars/all/dns.yml").read_text())[
-    "lab_dns_zones"
-]
+LAB_VARS = yaml.safe_load((ROOT / "inventories/lab/group_vars/all/lab.yml").read_text())
+ZONES = LAB_VARS["lab_dns_zones"]
 REFUSALS = (dns.rcode.REFUSED, dns.rcode.NOTAUTH)
 
 
