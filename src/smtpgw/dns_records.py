@@ -195,6 +195,7 @@ def desired_records(
     route: str = "direct",
     zones: Iterable[str] = (),
     ttl: int = 3600,
+    domain_selectors: Mapping[str, Iterable[str]] | None = None,
 ) -> Desired:
     """Every record of every present tenant's domains, grouped by zone.
 
@@ -203,8 +204,9 @@ def desired_records(
     (``smtpgw.dkim_keys.txt_value``); ``selectors``: the selectors to publish; ``smarthost_spf``:
     smart host name -> the SPF mechanism of its senders (``include:spf.protection.outlook.com``);
     ``route``: the relays' route for tenants that name none; ``zones``: the zones the DNS
-    server serves (a domain not below one is its own zone). Raises :class:`DnsProblem` listing
-    every problem.
+    server serves (a domain not below one is its own zone); ``domain_selectors``: domain -> the
+    selectors to publish for it instead of ``selectors`` (a domain in a DKIM rotation). Raises
+    :class:`DnsProblem` listing every problem.
     """
     problems: list[str] = []
     spf_addresses = _spf_addresses(relay_addresses, problems)
@@ -243,7 +245,7 @@ def desired_records(
             texts: list[tuple[str, str]] = [
                 ("spf", " ".join(["v=spf1", *spf_terms, settings["spf_all"]]))
             ]
-            for selector in selectors:
+            for selector in (domain_selectors or {}).get(domain) or selectors:
                 value = dkim.get((domain, selector))
                 if value is None:
                     problems.append(
