@@ -166,6 +166,14 @@ def _dkim_seen(server: Server, domain: str, selector: str) -> tuple[list[str], i
     return texts, ttl
 
 
+def _read_txt(path: Path) -> str | None:
+    """A key's TXT value as the key action wrote it (None before it has)."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
 def observe(
     store: Path,
     domains: Iterable[str],
@@ -195,16 +203,15 @@ def observe(
                 continue
             targets = server_list(zone_for(domain, zones))
             if phase == "publish":
-                want = {
-                    s: (store / f"{domain}.{s}.txt").read_text().strip()
-                    for s in rotation.new.values()
-                }
+                want = {s: _read_txt(store / f"{domain}.{s}.txt") for s in rotation.new.values()}
                 ttl, visible = 0, True
                 for server in targets:
                     for selector in [*rotation.new.values(), *rotation.old.values()]:
                         texts, seen_ttl = _dkim_seen(server, domain, selector)
                         ttl = max(ttl, seen_ttl)
-                        if selector in want and want[selector] not in texts:
+                        if selector in want and (
+                            want[selector] is None or want[selector] not in texts
+                        ):
                             visible = False
                 if visible:
                     rotation.published, rotation.ttl = now, ttl
