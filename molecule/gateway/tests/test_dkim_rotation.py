@@ -4,8 +4,10 @@ keys and publishes their records beside the old ones; playbooks/site.yml switche
 new keys once the records have been seen at every authoritative server for longer than their TTL;
 playbooks/dns.yml removes the old records once the grace period after the switch is over. A
 message sent at every step arrives with signatures that all verify (dkimpy resolving through
-dns1); reruns at each step change nothing. At the end the domain is put back as the scenario had
-it (its original keys and selectors, the records' usual TTL), for the tests after this one.
+dns1); reruns at each step change nothing. Afterwards the records get their usual TTL back and
+the domain stays at its new keys (a finished cycle, as a user leaves it; a rerun rotates again);
+a cycle the test did not finish is undone (the domain's key files and state put back, the relay
+and the records redeployed), so the tests after this one find a consistent gateway.
 """
 
 from __future__ import annotations
@@ -29,8 +31,6 @@ from smtpgw.smtpclient import send
 
 DOMAIN = "soylent.test"
 LOGIN = ("app@soylent.test", "lab-soylent-app-pw")
-BASE = ["smtpgw-rsa", "smtpgw-ed25519"]
-NEW = ["smtpgw-rsa-r1", "smtpgw-ed25519-r1"]
 TTL = 8  # seconds: the records' TTL during the test (smtpgw_dns_ttl)
 GRACE = 15  # seconds: the rotation's grace period (--grace)
 RELAY = f"{NAME}-relay1"  # the relay's name in the scenario's inventory
@@ -158,21 +158,23 @@ def wait_until(moment: float) -> None:
 
 @pytest.fixture
 def put_back(lab, tmp_path):
-    """The domain's keys as the scenario had them, restored (relay and DNS) after the test."""
+    """The records' usual TTL after the test; and when the cycle did not finish, the domain's
+    key files and state as they were, redeployed to the relay and the DNS."""
     store = key_store()
     saved = tmp_path / "saved"
     saved.mkdir()
-    for selector in BASE:
-        for suffix in (".key", ".txt"):
-            shutil.copy2(store / f"{DOMAIN}.{selector}{suffix}", saved)
+    for path in store.glob(f"{DOMAIN}.*"):
+        shutil.copy2(path, saved)
     yield
-    (store / f"{DOMAIN}.rotation.json").unlink(missing_ok=True)
-    for path in store.glob(f"{DOMAIN}.*-r[0-9]*.*"):
-        path.unlink()
-    for path in saved.iterdir():
-        shutil.copy2(path, store / path.name)
-    site = run_site(SCENARIO / "tenants", "--limit", RELAY)
-    assert site.rc == 0, failure(site)
+    state = store / f"{DOMAIN}.rotation.json"
+    finished = state.is_file() and json.loads(state.read_text())["retired"] is not None
+    if not finished:
+        for path in store.glob(f"{DOMAIN}.*"):
+            path.unlink()
+        for path in saved.iterdir():
+            shutil.copy2(path, store / path.name)
+        site = run_site(SCENARIO / "tenants", "--limit", RELAY)
+        assert site.rc == 0, failure(site)
     usual = write_inventory(tmp_path / "usual", lab, ttl=None)
     ok(smtpgw("dns", "apply", str(usual)))
 
@@ -184,52 +186,65 @@ def test_a_full_rotation_cycle_never_sends_a_signature_that_fails(
     store = key_store()
     # The records with the test's short TTL, so the waits below are seconds.
     ok(smtpgw("dns", "apply", str(inventory)))
-    assert rotation_status(inventory)["phase"] == "none"
-    assert send_verified(lab, resolver, "before") == BASE
+    before = rotation_status(inventory)
+    assert before["phase"] in ("none", "done"), before  # none, or a cycle a rerun finished
+    old = [before["signing"]["rsa"], before["signing"]["ed25519"]]
+    assert send_verified(lab, resolver, "before") == old
 
     # 1. Start: new keys, their records published beside the old ones and seen at dns1 (the
     #    zone's only authoritative server): the old TTL must pass before the relays switch.
     out = ok(smtpgw("dkim", "rotate", DOMAIN, str(inventory), "--grace", str(GRACE)))
-    assert f"{DOMAIN}: rotation 1 started" in out
-    status = rotation_status(inventory)
-    assert status["phase"] == "propagate", status
-    assert status["signing"] == dict(zip(["rsa", "ed25519"], BASE, strict=True))
-    assert status["not_before"] is not None and status["not_before_utc"].endswith("Z")
-    assert published(resolver, BASE) and published(resolver, NEW)
+    assert f"{DOMAIN}: rotation " in out and " started" in out
+    # Right after it looked: seen, and the TTL (the largest on the old and new records) to pass.
+    assert f"{DOMAIN}: propagate; signs with {old[0]}, {old[1]};" in out, out
     state_file = store / f"{DOMAIN}.rotation.json"
+    cycle = json.loads(state_file.read_text())
+    assert cycle["ttl"] == TTL and cycle["published"] is not None, cycle
+    new = [cycle["new"]["rsa"], cycle["new"]["ed25519"]]
+    assert new[0].startswith("smtpgw-rsa-r") and new[1].startswith("smtpgw-ed25519-r")
+    status = rotation_status(inventory)
+    assert status["publish"] == [cycle["old"], cycle["new"]]
+    if status["phase"] == "propagate":  # unless the command took longer than the TTL
+        assert status["not_before"] == cycle["published"] + TTL
+        assert status["signing"] == cycle["old"]
+        assert status["not_before_utc"].endswith("Z")
+    assert published(resolver, old) and published(resolver, new)
     state = state_file.read_bytes()
-    assert send_verified(lab, resolver, "published") == BASE
+    assert send_verified(lab, resolver, "published") == old
     # A rerun of the same step sends no update and records nothing.
     again = ok(smtpgw("dkim", "rotate", DOMAIN, str(inventory)))
     assert "is under way" in again and "no changes, no update sent" in again
     assert state_file.read_bytes() == state
 
     # 2. The TTL over, site.yml switches the relay and records it; both records stay.
-    wait_until(status["not_before"])
+    wait_until(cycle["published"] + TTL)
     status = rotation_status(inventory)
     assert (status["phase"], status["pending_relays"]) == ("switch", [RELAY]), status
     site = run_site(SCENARIO / "tenants", "--limit", RELAY)
     assert site.rc == 0, failure(site)
+    cycle = json.loads(state_file.read_text())
+    retire_at = cycle["switched"][RELAY] + GRACE
     status = rotation_status(inventory)
-    assert status["phase"] == "grace", status
-    assert published(resolver, BASE) and published(resolver, NEW)
+    if time.time() < retire_at:  # unless the command took longer than the grace
+        assert (status["phase"], status["not_before"]) == ("grace", retire_at), status
+    assert published(resolver, old) and published(resolver, new)
     # rspamd reloads its workers: until the new ones take over, mail may still carry the old
     # signature (which verifies: its record is still there). Bounded: a few messages.
     for attempt in range(5):
         selectors = send_verified(lab, resolver, f"switched-{attempt}")
-        if selectors == NEW:
+        if selectors == new:
             break
         time.sleep(1)
-    assert selectors == NEW
+    assert selectors == new
 
     # 3. The grace over, dns.yml removes the old records (and the old keys leave the store).
-    wait_until(status["not_before"])
+    wait_until(retire_at)
     assert rotation_status(inventory)["phase"] == "retire"
     # The old records are no longer wanted: `dns check` names them as leftovers.
     check = smtpgw("dns", "check", str(inventory), "--json")
     assert check.returncode == 2, check.stdout + check.stderr
     left = [f for f in json.loads(check.stdout) if f["status"] == "leftover"]
-    assert sorted(f["name"] for f in left) == sorted(f"{s}._domainkey.{DOMAIN}." for s in BASE)
+    assert sorted(f["name"] for f in left) == sorted(f"{s}._domainkey.{DOMAIN}." for s in old)
     assert all(f["kind"] == "dkim" and f["seen"] for f in left)
     dns_run = smtpgw_lab.run_playbook(
         ROOT / "playbooks" / "dns.yml",
@@ -241,11 +256,10 @@ def test_a_full_rotation_cycle_never_sends_a_signature_that_fails(
     assert dns_run.rc == 0, failure(dns_run)
     status = rotation_status(inventory)
     assert status["phase"] == "done", status
-    assert [dkim_records(resolver, s) for s in BASE] == [[], []]
-    assert published(resolver, NEW)
-    assert not list(store.glob(f"{DOMAIN}.smtpgw-rsa.*"))
-    assert not list(store.glob(f"{DOMAIN}.smtpgw-ed25519.*"))
-    assert send_verified(lab, resolver, "retired") == NEW
+    assert [dkim_records(resolver, s) for s in old] == [[], []]
+    assert published(resolver, new)
+    assert [p for s in old for p in store.glob(f"{DOMAIN}.{s}.*")] == []  # old keys gone
+    assert send_verified(lab, resolver, "retired") == new
     ok(smtpgw("dns", "check", str(inventory)))  # no leftover, all ok
 
     # Every step again changes nothing.
