@@ -38,6 +38,12 @@ options:
     description: Selector of each key, C(rsa) and C(ed25519).
     type: dict
     default: {rsa: smtpgw-rsa, ed25519: smtpgw-ed25519}
+  domain_selectors:
+    description:
+      - Domain to the selector pairs (each a dict like O(selectors)) it uses instead of
+        O(selectors): a domain in a DKIM rotation (M(smtpgw.gateway.smtpgw_dkim_rotation)).
+    type: dict
+    default: {}
 notes:
   - Supports check mode: it then makes nothing and reports the keys it would make.
 """
@@ -83,6 +89,7 @@ ARGUMENT_SPEC = {
     "path": {"type": "path", "required": True},
     "domains": {"type": "list", "elements": "str", "required": True},
     "selectors": {"type": "dict", "default": dict(dkim_keys.DEFAULT_SELECTORS)},
+    "domain_selectors": {"type": "dict", "default": {}},
 }
 
 
@@ -97,7 +104,9 @@ class ActionModule(ActionBase):
         _, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
         store = Path(args["path"])
         try:
-            specs = dkim_keys.key_specs(args["domains"], args["selectors"])
+            specs = dkim_keys.key_specs(
+                args["domains"], args["selectors"], args["domain_selectors"]
+            )
             created = self._ensure_store(store)
             keys = []
             for spec in specs:

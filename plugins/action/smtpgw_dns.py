@@ -147,6 +147,10 @@ class ActionModule(ActionBase):
         _, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
         keys = {(k["domain"], k["selector"]): k["txt"] for k in args["dkim_keys"]}
         selectors = sorted({k["selector"] for k in args["dkim_keys"]})
+        # Each domain's own selectors: in a DKIM rotation a domain has others, or more.
+        domain_selectors: dict[str, list[str]] = {}
+        for k in args["dkim_keys"]:
+            domain_selectors.setdefault(k["domain"], []).append(k["selector"])
         server = dns_publish.Server(args["server"].strip(), args["port"])
         try:
             desired = dns_records.desired_records(
@@ -158,6 +162,7 @@ class ActionModule(ActionBase):
                 route=args["route"],
                 zones=args["zones"],
                 ttl=args["ttl"],
+                domain_selectors=domain_selectors,
             )
             key = dns_publish.tsig_key(args["tsig"])
             plan = dns_publish.plan(desired, server)

@@ -19,10 +19,12 @@ def smtpgw_postfix_maps(tenants, smarthosts, route="direct"):
         raise AnsibleFilterError(str(exc)) from exc
 
 
-def smtpgw_relay_files(tenants, smarthosts, route="direct", selectors=None, paths=None):
+def smtpgw_relay_files(
+    tenants, smarthosts, route="direct", selectors=None, paths=None, domain_selectors=None
+):
     """Every tenant-derived file of the relay: see smtpgw.relay_files.relay_files."""
     try:
-        return _files.relay_files(tenants, smarthosts, route, selectors, paths)
+        return _files.relay_files(tenants, smarthosts, route, selectors, paths, domain_selectors)
     except (_maps.RouteError, _dkim.KeyProblem) as exc:
         raise AnsibleFilterError(str(exc)) from exc
 

@@ -239,6 +239,50 @@ def cmd_dns(args: argparse.Namespace) -> int:
             server.close()
 
 
+def cmd_dkim(args: argparse.Namespace) -> int:
+    """rotate / status of DKIM key rotations (smtpgw.dkim_rotation_ops); 1 on errors."""
+    import json
+
+    from smtpgw import (
+        dkim_keys,
+        dkim_rotation,
+        dkim_rotation_ops,
+        dns_inputs,
+        dns_publish,
+        dns_records,
+        tenant_schema,
+    )
+
+    try:
+        if args.dkim_command == "status":
+            entries = dkim_rotation_ops.report(Path(args.inventory))
+            if args.json:
+                print(json.dumps(entries, indent=2))
+            else:
+                print("\n".join(dkim_rotation_ops.status_lines(entries)))
+            return 0
+        if args.go_on and args.domain is not None and args.inventory == "inventories/lab":
+            args.domain, args.inventory = None, args.domain  # `rotate --continue INVENTORY`
+        if (args.domain is None) == (not args.go_on):
+            print("smtpgw: name a DOMAIN to rotate, or --continue (not both)", file=sys.stderr)
+            return 1
+        states = dkim_rotation_ops.rotate(Path(args.inventory), args.domain, args.grace)
+        entries = [dkim_rotation_ops.describe(s) for s in states]
+        print("\n".join(dkim_rotation_ops.status_lines(entries)))
+        return 0
+    except (
+        dkim_rotation.RotationProblem,
+        dkim_keys.KeyProblem,
+        dns_publish.DnsError,
+        dns_inputs.InventoryProblem,
+        dns_records.DnsProblem,
+        tenant_schema.TenantError,
+    ) as exc:
+        for line in str(exc).splitlines():
+            print(f"smtpgw: {line}", file=sys.stderr)
+        return 1
+
+
 def cmd_limits_show(args: argparse.Namespace) -> int:
     """Counters, limits and what is left, per tenant, as a relay reads them from its Redis (the
     relays' own copy of the policy service: `policyd.py show`), through the lab's podman."""
@@ -334,6 +378,30 @@ def parser() -> argparse.ArgumentParser:
         if name == "check":
             p_cmd.add_argument("--json", action="store_true", help="findings as JSON")
         p_cmd.set_defaults(func=cmd_dns)
+
+    p_dkim = sub.add_parser("dkim", help="DKIM key rotation, staged and safe")
+    dkim_sub = p_dkim.add_subparsers(dest="dkim_command", required=True)
+    p_rot = dkim_sub.add_parser(
+        "rotate", help="start a rotation of DOMAIN's keys, or go on with every one (--continue)"
+    )
+    p_rot.add_argument("domain", nargs="?", help="the domain whose keys to replace")
+    p_rot.add_argument("inventory", nargs="?", default="inventories/lab")
+    p_rot.add_argument(
+        "--continue", dest="go_on", action="store_true", help="go on with every rotation"
+    )
+    p_rot.add_argument(
+        "--grace",
+        type=int,
+        help="seconds the old records stay after the relays switch "
+        "(default: smtpgw_dkim_rotation_grace, else 7 days)",
+    )
+    p_rot.set_defaults(func=cmd_dkim)
+    p_stat = dkim_sub.add_parser(
+        "status", help="where each domain's rotation is, what it waits for"
+    )
+    p_stat.add_argument("inventory", nargs="?", default="inventories/lab")
+    p_stat.add_argument("--json", action="store_true", help="as JSON")
+    p_stat.set_defaults(func=cmd_dkim)
 
     p_lim = sub.add_parser("limits", help="tenants' sending limits and counters")
     lim_sub = p_lim.add_subparsers(dest="limits_command", required=True)

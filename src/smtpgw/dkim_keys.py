@@ -73,8 +73,25 @@ class KeySpec:
         return f"{self.stem}.txt"
 
 
-def key_specs(domains: Iterable[str], selectors: Mapping[str, str]) -> list[KeySpec]:
-    """Every key the domains need: one per domain and algorithm, sorted by domain."""
+def key_specs(
+    domains: Iterable[str],
+    selectors: Mapping[str, str],
+    per_domain: Mapping[str, Iterable[Mapping[str, str]]] | None = None,
+) -> list[KeySpec]:
+    """Every key the domains need: one per domain and algorithm, sorted by domain.
+
+    ``per_domain``: domain -> the selector pairs it uses instead of ``selectors`` (a domain in a
+    DKIM rotation, :mod:`smtpgw.dkim_rotation`: one pair to sign with, two while both records
+    are published)."""
+    per_domain = per_domain or {}
+    specs = []
+    for domain in sorted(set(domains)):
+        for pair in per_domain.get(domain) or [selectors]:
+            specs += _pair_specs(domain, pair)
+    return specs
+
+
+def _pair_specs(domain: str, selectors: Mapping[str, str]) -> list[KeySpec]:
     missing = [a for a in ALGORITHMS if not selectors.get(a)]
     if missing:
         raise KeyProblem(f"relay_dkim_selectors: no selector for {', '.join(missing)}; name one")
@@ -83,11 +100,7 @@ def key_specs(domains: Iterable[str], selectors: Mapping[str, str]) -> list[KeyS
             f"relay_dkim_selectors: rsa and ed25519 both use '{selectors['rsa']}'; "
             "each key needs a selector of its own"
         )
-    return [
-        KeySpec(domain, str(selectors[algorithm]), algorithm)
-        for domain in sorted(set(domains))
-        for algorithm in ALGORITHMS
-    ]
+    return [KeySpec(domain, str(selectors[algorithm]), algorithm) for algorithm in ALGORITHMS]
 
 
 def generate(algorithm: str) -> bytes:

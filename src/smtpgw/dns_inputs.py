@@ -15,6 +15,8 @@ Inventory variables (documented in the README, "DNS records"):
 - ``smtpgw_dns_ttl``: TTL of the records (default 3600);
 - ``smtpgw_dns_resolver``: a resolver ``dns check`` also asks (default: none);
 - ``smtpgw_dns_smarthost_spf``: smart-host name -> SPF mechanism of its senders;
+- ``smtpgw_dkim_rotation_grace``: grace period of a DKIM rotation that ``smtpgw dkim rotate``
+  starts, in seconds (default 7 days);
 - and the relay role's ``relay_tenants_dir``, ``relay_route``, ``relay_dkim_keys_dir``,
   ``relay_dkim_selectors``.
 """
@@ -52,6 +54,13 @@ class DnsInputs:
     port: int = 53
     tsig: Mapping[str, Any] | None = None
     resolver: str | None = None
+    rotation_grace: int | None = None
+    # DKIM rotation (smtpgw.dkim_rotation): the key store, the base selectors, the relays'
+    # names, and the selectors each domain in a cycle publishes now.
+    keys_dir: Path | None = None
+    base_selectors: dict[str, str] = field(default_factory=dict)
+    relays: list[str] = field(default_factory=list)
+    domain_selectors: dict[str, list[str]] = field(default_factory=dict)
 
     def desired(self) -> Desired:
         return desired_records(
@@ -63,11 +72,36 @@ class DnsInputs:
             route=self.route,
             zones=self.zones,
             ttl=self.ttl,
+            domain_selectors=self.domain_selectors,
+            spf_fetch=_txt_fetcher(self.resolver) if self.resolver else None,
         )
 
 
+def _txt_fetcher(resolver: str):
+    """name -> its TXT texts, asked of ``resolver`` (none on any failure: SPF counts what it
+    can see, and a void lookup costs no further lookups)."""
+    import dns.exception
+    import dns.resolver
+
+    asker = dns.resolver.Resolver(configure=False)
+    asker.nameservers = [str(resolver).strip()]
+    asker.lifetime = 5
+
+    def fetch(name: str) -> list[str]:
+        try:
+            answer = asker.resolve(name, "TXT")
+        except dns.exception.DNSException:
+            return []
+        return [b"".join(r.strings).decode(errors="replace") for r in answer]
+
+    return fetch
+
+
 def read_dkim_public(
-    store: Path, domains: Iterable[str], selectors: Mapping[str, str]
+    store: Path,
+    domains: Iterable[str],
+    selectors: Mapping[str, str],
+    per_domain: Mapping[str, Iterable[Mapping[str, str]]] | None = None,
 ) -> dict[tuple[str, str], str]:
     """(domain, selector) -> DKIM TXT value of each key in the store that exists.
 
@@ -76,7 +110,7 @@ def read_dkim_public(
     beside it is used. A missing key is left out (the records then say it is missing).
     """
     found: dict[tuple[str, str], str] = {}
-    for spec in dkim_keys.key_specs(domains, selectors):
+    for spec in dkim_keys.key_specs(domains, selectors, per_domain):
         path = store / spec.key_file
         if not path.is_file():
             continue
@@ -160,6 +194,12 @@ def from_inventory(inventory: Path) -> DnsInputs:
     selectors = dict(resolved(first, "relay_dkim_selectors") or dkim_keys.DEFAULT_SELECTORS)
     keys_dir = Path(resolved(first, "relay_dkim_keys_dir") or inventory_dir / "dkim")
     domains = [d for t in result.tenants for d in t["domains"]]
+    from . import dkim_rotation_ops
+
+    relay_names = [r.name for r in relays]
+    rotating = dkim_rotation_ops.publish_selectors(
+        dkim_rotation_ops.statuses(dkim_rotation_ops.load_all(keys_dir, domains), relay_names)
+    )
     localhost = manager.get_host("localhost") or first
     settings = {
         name: resolved(localhost, name)
@@ -171,12 +211,13 @@ def from_inventory(inventory: Path) -> DnsInputs:
             "smtpgw_dns_ttl",
             "smtpgw_dns_resolver",
             "smtpgw_dns_smarthost_spf",
+            "smtpgw_dkim_rotation_grace",
         )
     }
     return DnsInputs(
         tenants=result.tenants,
         relay_addresses=addresses,
-        dkim=read_dkim_public(keys_dir, domains, selectors),
+        dkim=read_dkim_public(keys_dir, domains, selectors, rotating),
         selectors=[selectors[a] for a in dkim_keys.ALGORITHMS],
         smarthost_spf=spf_mechanisms(
             smarthosts.smarthosts, settings["smtpgw_dns_smarthost_spf"] or {}
@@ -188,6 +229,18 @@ def from_inventory(inventory: Path) -> DnsInputs:
         port=int(settings["smtpgw_dns_port"] or 53),
         tsig=settings["smtpgw_dns_tsig"],
         resolver=settings["smtpgw_dns_resolver"],
+        rotation_grace=(
+            None
+            if settings["smtpgw_dkim_rotation_grace"] in (None, "")
+            else int(settings["smtpgw_dkim_rotation_grace"])
+        ),
+        keys_dir=keys_dir,
+        base_selectors=selectors,
+        relays=relay_names,
+        domain_selectors={
+            d: [pair[a] for pair in pairs for a in dkim_keys.ALGORITHMS]
+            for d, pairs in rotating.items()
+        },
     )
 
 

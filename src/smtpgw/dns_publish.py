@@ -9,7 +9,8 @@
   none). If anyone changed them since, the server refuses the whole update and nothing of that
   zone is applied; the next plan sees the new state. A plan without changes sends no update.
 - :func:`check` asks every authoritative server of each zone (and a resolver, if given) for each
-  wanted record and reports ok / missing / wrong with the expected and the seen value.
+  wanted record and reports ok / missing / wrong with the expected and the seen value, and the
+  primary for leftovers: owned records at names the register lists that are no longer wanted.
 """
 
 from __future__ import annotations
@@ -408,7 +409,7 @@ class Finding:
     name: str
     kind: str
     server: str
-    status: str  # ok | missing | wrong
+    status: str  # ok | missing | wrong | leftover (owned, in the register, no longer wanted)
     expected: str
     seen: list[str]
 
@@ -477,11 +478,41 @@ def check(desired: Desired, primary: Server, resolver: str | None = None) -> lis
                             mine,
                         )
                     )
+        for zone in sorted(desired.zones):
+            findings += leftovers(desired, primary, zone)
     finally:
         for server in servers.values():
             if server is not primary:
                 server.close()
     return findings
+
+
+NOT_WANTED = "(none: no longer wanted; `smtpgw dns apply` removes it)"
+
+
+def leftovers(desired: Desired, primary: Server, zone: str) -> list[Finding]:
+    """Records smtpgw owns at the primary that are no longer wanted: the names the zone's
+    register lists that no wanted record has (a removed tenant, domain or DKIM selector), with
+    owned TXT records still there. `apply` removes them."""
+    register_name = absolute(REGISTER_LABEL, zone)
+    register = read_name(primary, register_name, zone)
+    wanted = {r.name for r in desired.zones.get(zone, [])}
+    strings = (s.decode(errors="replace") for r in register.rdatas for s in r.strings)
+    found = []
+    for domain, names in sorted(parse_register(strings).items()):
+        for relative in sorted(names):
+            name = absolute(relative, domain)
+            if name in wanted:
+                continue
+            owned = [t for t in read_name(primary, name, zone).texts if tag_of(t)]
+            if owned:
+                kind = tag_of(owned[0]) or ""
+                found.append(
+                    Finding(
+                        domain, name.to_text(), kind, str(primary), "leftover", NOT_WANTED, owned
+                    )
+                )
+    return found
 
 
 def findings_as_dicts(findings: Iterable[Finding]) -> list[dict[str, Any]]:

@@ -7,7 +7,8 @@ addresses, the smart hosts' SPF mechanisms and the DKIM public keys into dnspyth
   split into strings of at most 255 bytes;
 - ``<domain>``: SPF (``v=spf1 ip4:... include:... ~all``), the relays' addresses, the mechanism
   of each smart host the tenant routes through, the tenant's own ``dns.spf``; a record that
-  needs more than 10 DNS lookups (RFC 7208 4.6.4) is refused;
+  needs more than 10 DNS lookups (RFC 7208 4.6.4) is refused (with a resolver, the lookups
+  inside each ``include:`` count too);
 - ``_dmarc.<domain>``: DMARC (``v=DMARC1; p=none`` unless the tenant says otherwise);
 - ``_mta-sts.<domain>`` (``v=STSv1; id=...``) when the tenant has ``dns.mta_sts``, with the
   policy file's text for the user's web server (``id`` changes when the policy does);
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "Record",
     "desired_records",
     "export_lines",
+    "include_lookups",
     "parse_register",
     "register_strings",
     "spf_lookups",
@@ -148,6 +150,35 @@ def spf_lookups(terms: Iterable[str]) -> int:
     return count
 
 
+def include_lookups(
+    target: str, fetch: Callable[[str], list[str]], _seen: frozenset[str] = frozenset()
+) -> int:
+    """DNS lookups inside an ``include:`` or ``redirect=`` target: the lookup terms of its own SPF
+    record and, recursively, of those it includes. ``fetch(name)`` returns the TXT texts at a
+    name (none when it has none or cannot be asked); a loop counts once."""
+    target = target.rstrip(".").lower()
+    if target in _seen or len(_seen) > SPF_LOOKUP_LIMIT:
+        return 0
+    records = [t for t in fetch(target) if t == "v=spf1" or t.startswith("v=spf1 ")]
+    if len(records) != 1:
+        return 0
+    terms = records[0].split()[1:]
+    count = spf_lookups(terms)
+    for term in terms:
+        nested = _target(term)
+        if nested:
+            count += include_lookups(nested, fetch, _seen | {target})
+    return count
+
+
+def _target(term: str) -> str | None:
+    bare = term.lstrip("+-~?")
+    for prefix in ("include:", "redirect="):
+        if bare.lower().startswith(prefix) and "%" not in bare:
+            return bare[len(prefix) :]
+    return None
+
+
 def register_strings(domain: str, names: Iterable[str]) -> list[str]:
     """The register's strings for a domain (more than one when they outgrow 255 bytes)."""
     strings: list[str] = []
@@ -195,6 +226,8 @@ def desired_records(
     route: str = "direct",
     zones: Iterable[str] = (),
     ttl: int = 3600,
+    domain_selectors: Mapping[str, Iterable[str]] | None = None,
+    spf_fetch: Callable[[str], list[str]] | None = None,
 ) -> Desired:
     """Every record of every present tenant's domains, grouped by zone.
 
@@ -203,8 +236,11 @@ def desired_records(
     (``smtpgw.dkim_keys.txt_value``); ``selectors``: the selectors to publish; ``smarthost_spf``:
     smart host name -> the SPF mechanism of its senders (``include:spf.protection.outlook.com``);
     ``route``: the relays' route for tenants that name none; ``zones``: the zones the DNS
-    server serves (a domain not below one is its own zone). Raises :class:`DnsProblem` listing
-    every problem.
+    server serves (a domain not below one is its own zone); ``domain_selectors``: domain -> the
+    selectors to publish for it instead of ``selectors`` (a domain in a DKIM rotation);
+    ``spf_fetch``: name -> its TXT texts, through a resolver: the lookups inside each
+    ``include:`` count toward SPF's limit too (:func:`include_lookups`). Raises
+    :class:`DnsProblem` listing every problem.
     """
     problems: list[str] = []
     spf_addresses = _spf_addresses(relay_addresses, problems)
@@ -229,11 +265,21 @@ def desired_records(
                 spf_terms.append(mechanism)
         spf_terms += [t for t in settings["spf"] if t not in spf_terms]
         lookups = spf_lookups(spf_terms)
+        inside: list[str] = []
+        if spf_fetch is not None:
+            for term in spf_terms:
+                target = _target(term)
+                nested = include_lookups(target, spf_fetch) if target else 0
+                if nested:
+                    lookups += nested
+                    inside.append(f"{term} costs {nested} more inside")
         if lookups > SPF_LOOKUP_LIMIT:
             problems.append(
                 f"tenant {tenant['name']}: dns.spf: the SPF record would need {lookups} DNS "
                 f"lookups, more than SPF's limit of {SPF_LOOKUP_LIMIT} (every include:, a, mx, "
-                "exists: costs one); list fewer, or ip4:/ip6: networks instead"
+                "exists: costs one"
+                + (f"; {', '.join(inside)}" if inside else "")
+                + "); list fewer, or ip4:/ip6: networks instead"
             )
             continue
         for domain in tenant["domains"]:
@@ -243,7 +289,7 @@ def desired_records(
             texts: list[tuple[str, str]] = [
                 ("spf", " ".join(["v=spf1", *spf_terms, settings["spf_all"]]))
             ]
-            for selector in selectors:
+            for selector in (domain_selectors or {}).get(domain) or selectors:
                 value = dkim.get((domain, selector))
                 if value is None:
                     problems.append(

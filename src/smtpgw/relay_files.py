@@ -84,8 +84,12 @@ def relay_files(
     route: str = DIRECT,
     selectors: Mapping[str, str] | None = None,
     paths: Mapping[str, str] | None = None,
+    domain_selectors: Mapping[str, Iterable[Mapping[str, str]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every tenant-derived file of the relay, in the order the role writes them."""
+    """Every tenant-derived file of the relay, in the order the role writes them.
+
+    ``domain_selectors``: domain -> the selector pair it signs with instead of ``selectors``
+    (as a one-element list; a domain in a DKIM rotation)."""
     tenants = sorted(tenants, key=lambda t: str(t["name"]))
     where = RelayPaths(paths)
     maps = postfix_maps(tenants, smarthosts, route)
@@ -137,7 +141,7 @@ def relay_files(
         ),
         _file(
             f"{where.rspamd_local}/dkim_signing.conf",
-            dkim_signing_lines(tenants, selectors or DEFAULT_SELECTORS, where),
+            dkim_signing_lines(tenants, selectors or DEFAULT_SELECTORS, where, domain_selectors),
             check="rspamd",
             **rspamd,
         ),
@@ -193,7 +197,10 @@ def signing_domains(tenants: Iterable[Mapping[str, Any]]) -> list[str]:
 
 
 def dkim_signing_lines(
-    tenants: Iterable[Mapping[str, Any]], selectors: Mapping[str, str], where: RelayPaths
+    tenants: Iterable[Mapping[str, Any]],
+    selectors: Mapping[str, str],
+    where: RelayPaths,
+    domain_selectors: Mapping[str, Iterable[Mapping[str, str]]] | None = None,
 ) -> list[str]:
     """rspamd's dkim_signing module: sign mail from logins and tenant networks with both keys
     of the header From's domain. The SMTPGW_FROM_CHECK prefilter has already held the header
@@ -220,7 +227,7 @@ def dkim_signing_lines(
     for domain in signing_domains(tenants):
         lines.append(f'  "{domain}" {{')
         lines.append("    selectors = [")
-        for spec in key_specs([domain], selectors):
+        for spec in key_specs([domain], selectors, domain_selectors):
             lines.append(
                 f'      {{ path = "{where.dkim_keys}/{spec.key_file}"; '
                 f'selector = "{spec.selector}"; }},'
