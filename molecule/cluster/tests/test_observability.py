@@ -124,6 +124,7 @@ def test_delivered_count_goes_up_by_the_messages_sent():
     assert 'smtpgw_source_up{source="rspamd"} 1' in text
     assert re.search(r'^rspamd_build_info\{version="[\d.]+"\} 1$', text, re.M), text[-2000:]
 
+
 def test_the_metrics_port_refuses_a_client_not_allowed():
     # This machine is allowed (the other tests read it); mx1 is not: a TCP reset, at once.
     probe = (
