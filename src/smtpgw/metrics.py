@@ -198,7 +198,8 @@ class Tracker:
             if event["status"] == "deferred":
                 self.last_deferral = f"{event['to']}: {event['text']}"
             return {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+                + f".{int(when * 1000) % 1000:03d}Z",
                 "relay": self.relay,
                 "tenant": msg["tenant"],
                 "queue_id": qid,
@@ -223,7 +224,7 @@ class Tracker:
         return out
 
 
-_TEXT_KEYS = ("relay", "tenant", "queue_id", "message_id", "sender", "recipient", "route")
+_TEXT_KEYS = ("time", "relay", "tenant", "queue_id", "message_id", "sender", "recipient", "route")
 _TEXT_KEYS += ("result", "dsn", "queued_as", "client", "login", "detail")
 
 
