@@ -412,6 +412,10 @@ def parser() -> argparse.ArgumentParser:
     p_show.add_argument("--json", action="store_true", help="as JSON")
     p_show.add_argument("--relay", default="relay1", help="the lab relay to ask (default relay1)")
     p_show.set_defaults(func=cmd_limits_show)
+
+    from . import trace  # smtpgw trace, smtpgw health
+
+    trace.add_parsers(sub)
     return p
 
 
