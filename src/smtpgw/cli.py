@@ -274,6 +274,12 @@ def cmd_limits_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from smtpgw import doctor
+
+    return doctor.main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smtpgw", description="SMTP gateways as code")
     sub = p.add_subparsers(dest="command", required=True)
@@ -344,6 +350,12 @@ def parser() -> argparse.ArgumentParser:
     p_show.add_argument("--json", action="store_true", help="as JSON")
     p_show.add_argument("--relay", default="relay1", help="the lab relay to ask (default relay1)")
     p_show.set_defaults(func=cmd_limits_show)
+
+    from smtpgw import doctor
+
+    p_doc = sub.add_parser("doctor", help="walk a gateway's layers and name the first that fails")
+    doctor.add_arguments(p_doc)
+    p_doc.set_defaults(func=cmd_doctor)
     return p
 
 
