@@ -311,7 +311,7 @@ def cert_check(subject: str, info: CertInfo, server_name: str, now: dt.datetime)
             "tls",
             subject,
             "fail",
-            f"{info.protocol}, certificate for {names} expired {int(-days) + 1} day(s) ago "
+            f"{info.protocol}, certificate for {names} expired {int(-days)} day(s) ago "
             f"({info.not_after:%Y-%m-%d})",
             "install a renewed certificate (relay_tls_certificate, relay_tls_private_key) and "
             "redeploy (playbooks/site.yml)",
@@ -693,13 +693,20 @@ class InventoryDoctor:
         host = self._manager.get_host("localhost") or self._first
         return self.resolved(host, name)
 
+    def _tenant_data(self) -> dict[str, object]:
+        from .tenant_files import load_tenant_dir
+        from .tenant_schema import TenantError
+
+        try:
+            return load_tenant_dir(self.tenants_dir)
+        except TenantError as exc:
+            raise DoctorError("; ".join(exc.errors)) from None
+
     def in_use(self) -> list[dict[str, Any]]:
         """The smart hosts some mail goes through: relay_route and the tenants' relay.via."""
-        from .tenant_files import load_tenant_dir
-
         names = {self.route}
         try:
-            tenants = load_tenant_dir(self.tenants_dir)
+            tenants = self._tenant_data()
         except (OSError, ValueError) as exc:
             raise DoctorError(f"{self.tenants_dir}: cannot read the tenant files: {exc}") from None
         for data in tenants.values():
@@ -718,9 +725,7 @@ class InventoryDoctor:
         with the inventory's variables), else asked for on a terminal."""
         if self.password is not None:
             return self.password
-        from .tenant_files import load_tenant_dir
-
-        for file, data in load_tenant_dir(self.tenants_dir).items():
+        for file, data in self._tenant_data().items():
             for user in (data.get("users") or []) if isinstance(data, dict) else []:
                 if isinstance(user, dict) and str(user.get("login")) == self.login:
                     if user.get("password") is not None:

@@ -14,6 +14,7 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.rdatatype
+import dns.reversename
 import dns.tsig
 import dns.tsigkeyring
 import dns.update
@@ -99,6 +100,16 @@ def test_a_records(dns1, ips):
     assert answers(query(dns1, "client1.lab.test", "A")) == [ips[CLIENT1]]
     # The initial zone file's record of the name server itself.
     assert answers(query(dns1, "dns1.lab.test", "A")) == [dns1]
+
+
+def test_reverse_zone_names_the_hosts_inside_the_network(dns1, ips):
+    """lab_dns_reverse_networks: the network's in-addr.arpa zone, a PTR per A record in it."""
+    reverse = dns.reversename.from_address(ips[CLIENT1])
+    assert answers(query(dns1, reverse.to_text(), "PTR")) == ["client1.lab.test."]
+    zone = ".".join(reversed(ips[CLIENT1].split(".")[:3])) + ".in-addr.arpa"
+    assert query(dns1, zone, "SOA").answer, f"{zone} is not served"
+    # An A record outside the network (mx1, a documentation address) gets no PTR here.
+    assert query(dns1, "25.2.0.192.in-addr.arpa", "PTR").answer == []
 
 
 def test_signed_update_is_applied(dns1):
