@@ -37,6 +37,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ LAYERS = (
     ("tenant-dns", "tenant domains' DNS records"),
 )
 TIMEOUT = 5.0
+# A login's answer may wait: the relay delays logins from an address that failed recently.
+AUTH_TIMEOUT = 30.0
 EXPIRY_WARN_DAYS = 14
 DEFAULT_MAX_QUEUE_AGE = 1800  # seconds
 PORTS = {25: "starttls", 465: "implicit", 587: "starttls"}
@@ -285,6 +288,11 @@ def queue_checks(
     return Check("queue", relay, "ok", detail)
 
 
+def _short(text: str, width: int = 72) -> str:
+    """A record's text cut for people (a DKIM key is hundreds of characters)."""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     if seconds < 120:
@@ -423,15 +431,22 @@ def tcp(address: str, port: int) -> str:
         return exc.strerror or str(exc)
 
 
-def _smtp(address: str, port: int, mode: str, server_name: str, ctx: ssl.SSLContext):
+def _smtp(
+    address: str,
+    port: int,
+    mode: str,
+    server_name: str,
+    ctx: ssl.SSLContext,
+    timeout: float = TIMEOUT,
+):
     if mode == "implicit":
         smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-            timeout=TIMEOUT, context=ctx, local_hostname="smtpgw-doctor.invalid"
+            timeout=timeout, context=ctx, local_hostname="smtpgw-doctor.invalid"
         )
         smtp._host = server_name  # type: ignore[attr-defined]
         smtp.connect(address, port)
     else:
-        smtp = smtplib.SMTP(timeout=TIMEOUT, local_hostname="smtpgw-doctor.invalid")
+        smtp = smtplib.SMTP(timeout=timeout, local_hostname="smtpgw-doctor.invalid")
         smtp.connect(address, port)
         smtp._host = server_name  # type: ignore[attr-defined]
         smtp.starttls(context=ctx)
@@ -484,7 +499,8 @@ def auth_check(
 ) -> Check:
     mode = PORTS.get(port, "starttls")
     try:
-        smtp = _smtp(address, port, mode, server_name, ssl.create_default_context(cafile=cafile))
+        ctx = ssl.create_default_context(cafile=cafile)
+        smtp = _smtp(address, port, mode, server_name, ctx, AUTH_TIMEOUT)
         try:
             smtp.ehlo()
             smtp.login(login, password)
@@ -690,8 +706,8 @@ class InventoryDoctor:
             ) from None
 
     def setting(self, name: str) -> Any:
-        host = self._manager.get_host("localhost") or self._first
-        return self.resolved(host, name)
+        """An inventory-wide setting, as the first relay sees it."""
+        return self.resolved(self._first, name)
 
     def _tenant_data(self) -> dict[str, object]:
         from .tenant_files import load_tenant_dir
@@ -1006,7 +1022,9 @@ class InventoryDoctor:
         from . import dns_inputs, dns_publish, dns_records, tenant_schema
 
         try:
-            inputs = dns_inputs.from_inventory(self.inventory)
+            with warnings.catch_warnings():  # Ansible's plugin loader, set up again for it
+                warnings.simplefilter("ignore", UserWarning)
+                inputs = dns_inputs.from_inventory(self.inventory)
             desired = inputs.desired()
         except (
             dns_inputs.InventoryProblem,
@@ -1032,7 +1050,8 @@ class InventoryDoctor:
                         "tenant-dns",
                         f"{f.name} {f.kind} at {f.server}",
                         "fail",
-                        f"{f.status}: seen {'; '.join(f.seen) or 'nothing'}; expected {f.expected}",
+                        f"{f.status}: seen {'; '.join(_short(t) for t in f.seen) or 'nothing'}; "
+                        f"expected {_short(f.expected)}",
                         f"publish the records: `smtpgw dns apply {self.inventory}` (or "
                         "playbooks/dns.yml); `smtpgw dns plan` shows the change first",
                     )

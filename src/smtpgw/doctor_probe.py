@@ -171,7 +171,7 @@ def main(argv: list[str]) -> int:
             deployed = json.loads(DEPLOYED.read_text())
         except ValueError:
             deployed = None
-    log = run("journalctl", "--since", "-1h", "-o", "cat", "--no-pager", "-g", "status=deferred")
+    log = run("journalctl", "-u", "postfix@-", "--since", "-1h", "-o", "cat", "--no-pager")
     print(
         json.dumps(
             {

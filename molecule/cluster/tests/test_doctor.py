@@ -382,15 +382,6 @@ def test_tenant_dkim_record_wrong(inventory, ips):
     assert "smtpgw dns apply" in check["fix"]
 
 
-def test_login_password_wrong(inventory):
-    """Last: Dovecot delays the next logins from this machine after a failed one."""
-    rc, report = doctor(inventory, password="not-the-password")
-    check = assert_fails_at(rc, report, "auth")
-    assert check["subject"] == "relay1.lab.test:587"
-    assert check["detail"].startswith(f"{LOGIN} refused: 535")
-    assert "check it in the tenant file" in check["fix"]
-
-
 def test_one_host_and_port_from_anywhere(ips):
     """--host: only what a client sees (names, reach, TLS, AUTH), here by address."""
     env = dict(os.environ, SMTPGW_DOCTOR_PASSWORD=PASSWORD)
@@ -422,3 +413,12 @@ def test_one_host_and_port_from_anywhere(ips):
     assert [line.split()[1] for line in lines[:-1]] == ["names", "reach", "tls", "auth"]
     assert f"{LOGIN} logged in on 465" in proc.stdout
     assert lines[-1].startswith("all layers passed (3 checks)")
+
+
+def test_login_password_wrong(inventory):
+    """Last: Dovecot delays the next logins from this machine after a failed one."""
+    rc, report = doctor(inventory, password="not-the-password")
+    check = assert_fails_at(rc, report, "auth")
+    assert check["subject"] == "relay1.lab.test:587"
+    assert check["detail"].startswith(f"{LOGIN} refused: 535")
+    assert "check it in the tenant file" in check["fix"]
