@@ -59,7 +59,7 @@ __all__ = [
 #: (key, what it is), in the order they are walked.
 LAYERS = (
     ("names", "name resolution"),
-    ("relay-dns", "the relays' names in DNS (PTR, HELO)"),
+    ("relay-dns", "the relays' names in DNS: PTR and HELO"),
     ("reach", "TCP reachability"),
     ("tls", "TLS handshake"),
     ("auth", "AUTH with a login"),
