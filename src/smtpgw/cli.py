@@ -318,6 +318,12 @@ def cmd_limits_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+
+    return doctor.main(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smtpgw", description="SMTP gateways as code")
     sub = p.add_subparsers(dest="command", required=True)
@@ -416,6 +422,12 @@ def parser() -> argparse.ArgumentParser:
     from . import trace  # smtpgw trace, smtpgw health
 
     trace.add_parsers(sub)
+
+    from . import doctor
+
+    p_doc = sub.add_parser("doctor", help="walk a gateway's layers and name the first that fails")
+    doctor.add_arguments(p_doc)
+    p_doc.set_defaults(func=cmd_doctor)
     return p
 
 

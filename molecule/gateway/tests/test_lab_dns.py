@@ -14,6 +14,7 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.rdatatype
+import dns.reversename
 import dns.tsig
 import dns.tsigkeyring
 import dns.update
@@ -100,6 +101,17 @@ def test_a_records(dns1, mx1, lab):
     assert answers(query(dns1, "relay1.lab.test", "A")) == [lab.hosts.ip("relay1")]
     # The initial zone file's record of the name server itself.
     assert answers(query(dns1, "dns1.lab.test", "A")) == [dns1]
+
+
+def test_reverse_zone_names_the_hosts_inside_the_network(dns1, lab):
+    """lab_dns_reverse_networks: the network's in-addr.arpa zone, a PTR per A record in it."""
+    relay1 = lab.hosts.ip("relay1")
+    reverse = dns.reversename.from_address(relay1)
+    assert answers(query(dns1, reverse.to_text(), "PTR")) == ["relay1.lab.test."]
+    zone = ".".join(reversed(relay1.split(".")[:3])) + ".in-addr.arpa"
+    assert query(dns1, zone, "SOA").answer, f"{zone} is not served"
+    # An address outside the network (a documentation address) gets no PTR here.
+    assert query(dns1, "25.2.0.192.in-addr.arpa", "PTR").answer == []
 
 
 def test_signed_update_is_applied(dns1):
