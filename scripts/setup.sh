@@ -78,6 +78,17 @@ timeout 60 podman info >/dev/null 2>"$state/podman-info.err" ||
     fail "podman cannot start: $(tail -n 3 "$state/podman-info.err")" \
         "check 'podman info'; if a killed run left locks behind, 'podman system renumber' clears them"
 
+# Every lab container runs systemd, which takes inotify instances of the user's (root's): with
+# Debian's 128, the containers of two scenarios side by side can fail to boot ("Failed to create
+# inotify object: Too many open files"). Raise it, never lower it, and keep it across reboots.
+inotify=$(sysctl -n fs.inotify.max_user_instances)
+if [ "$inotify" -lt 1024 ]; then
+    echo 'fs.inotify.max_user_instances = 1024' >/etc/sysctl.d/60-smtpgw-lab.conf
+    sysctl -q -w fs.inotify.max_user_instances=1024 ||
+        fail "cannot raise fs.inotify.max_user_instances ($inotify)" "run set-up as root"
+    echo "fs.inotify.max_user_instances: $inotify -> 1024"
+fi
+
 step "The checkout as the collection smtpgw.gateway ($state/collections)"
 # ansible.cfg's collections_path; a relative link, so a moved checkout keeps working.
 mkdir -p "$state/collections/ansible_collections/smtpgw"
