@@ -183,18 +183,18 @@ def evalsha_calls() -> int:
 
 
 def test_far_below_its_limits_a_message_costs_one_redis_round_trip():
-    """`other` (100000 a day) is far below its limit: after a first message, the RCPT look rests
-    on the last count seen, and only the end-of-DATA count asks Redis; every message counts."""
+    """`other` (100000 a day) is far below its limit: the RCPT look of a message rests on the last
+    count seen (the previous message's), so only the end-of-DATA count asks Redis; at most the
+    first message's look does too (when relay1's last count of `other` is over 10 s old). Before,
+    every message asked twice. Every message is counted."""
     before = int(redis_cli("ZCARD", "smtpgw:limits:tenant:other"))
+    calls = evalsha_calls()
     token = f"lim-{uuid.uuid4().hex}"
     with connect(sub("relay1", "bulk@other.test")) as smtp:
-        rcpt = f"{token}-0@dest.test"
-        smtp.sendmail("bulk@other.test", [rcpt], message("bulk@other.test", [rcpt], token))
-        calls = evalsha_calls()
-        for i in range(1, 6):
+        for i in range(6):
             rcpt = f"{token}-{i}@dest.test"
             smtp.sendmail("bulk@other.test", [rcpt], message("bulk@other.test", [rcpt], token))
-    assert evalsha_calls() - calls == 5
+    assert evalsha_calls() - calls <= 7
     assert int(redis_cli("ZCARD", "smtpgw:limits:tenant:other")) == before + 6
     LAB.find_mail(token)
 
