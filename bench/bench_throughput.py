@@ -15,7 +15,11 @@ rounds that rotate the order, it sends the same number of 5 KB messages through 
   the cost of TLS and AUTH and the cost of rspamd show apart;
 - `2588 no limits`: 587 exactly (TLS, AUTH, rspamd) without the policy service, so the cost of
   the sending limits (a policy request at RCPT and at the end of DATA, a Lua script in the
-  relay's Redis) shows as the ratio of 587 to it.
+  relay's Redis) shows as the ratio of 587 to it;
+- `2589 rspamd rl` (with `--rspamd-ratelimit`): 2588 with rspamd's own `ratelimit` module in
+  place of the policy service, counting the login in the relay's Redis (a leaky bucket the bench
+  sets up for a second login of the bench tenant, which only this path uses), so that the two
+  ways of counting compare in the same run.
 
 All paths go through the same Postfix, the same restrictions and the same onward delivery (direct,
 MX lookup, to the sink). Each path: `--sessions` parallel sessions, each session sends
@@ -68,6 +72,7 @@ class Entry:
     port: int
     tls: str  # none | starttls | implicit
     login: bool
+    user: str = ""  # the login, when not SENDER
 
 
 TLS_AUTH = Entry("587 full", 587, "starttls", True)
@@ -75,6 +80,9 @@ BARE = Entry("2525 bare", 2525, "none", False)
 NO_MILTER = Entry("2587 no milter", 2587, "starttls", True)  # 587 without rspamd: where time goes
 # 587 exactly (TLS, AUTH, rspamd) without the policy service: what the sending limits cost.
 NO_LIMITS = Entry("2588 no limits", 2588, "starttls", True)
+# 2588 with rspamd's ratelimit module counting the login (RL_USER) in Redis (--rspamd-ratelimit).
+RL_USER = "rl@bench.test"
+RSPAMD_RL = Entry("2589 rspamd rl", 2589, "starttls", True, RL_USER)
 PLAIN = Entry("25 plain", 25, "none", False)  # latency probe only (with the milter)
 IMPLICIT_AUTH = Entry("465 TLS+AUTH", 465, "implicit", True)  # latency probe only
 LOAD_PATHS = [BARE, TLS_AUTH, NO_MILTER, NO_LIMITS]
@@ -97,6 +105,47 @@ BENCH_SERVICES = (
     "-o smtpd_end_of_data_restrictions= "
     "-o smtpd_milters=unix:/rspamd/milter.sock -o milter_default_action=tempfail "
     "-o milter_protocol=6",
+)
+# --rspamd-ratelimit: 2588's service on 2589, and rspamd's ratelimit module for the bench: the
+# plugin linked beside the relay's two, RL_USER's messages counted in the relay's Redis (a leaky
+# bucket far above what a run sends), and a settings rule that runs its symbols for RL_USER only
+# (the relay's own rule runs only the From check and DKIM for everyone else).
+RSPAMD_RL_SERVICE = (
+    BENCH_SERVICES[-1]
+    .replace(f"{NO_LIMITS.port}", f"{RSPAMD_RL.port}")
+    .replace("bench-nolimits", "bench-rspamdrl")
+)
+RSPAMD_RL_SETUP = f"""set -e
+ln -sfn /usr/share/rspamd/plugins/ratelimit.lua /etc/rspamd/smtpgw-plugins/ratelimit.lua
+pw=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["redis"]["password"])' \
+  </etc/smtpgw/policy.json)
+cat > /etc/rspamd/local.d/ratelimit.conf <<CONF
+servers = "127.0.0.1:6379";
+password = "$pw";
+rates {{
+  smtpgw_bench = {{
+    selector = "user.lower";
+    bucket = {{ burst = 10000000; rate = "1000000 / 1h"; }}
+  }}
+}}
+CONF
+grep -q smtpgw_bench_ratelimit /etc/rspamd/local.d/settings.conf ||
+  cat >> /etc/rspamd/local.d/settings.conf <<'CONF'
+smtpgw_bench_ratelimit {{
+  priority = 10;
+  user = "{RL_USER}";
+  apply {{
+    symbols_enabled = ["SMTPGW_FROM_CHECK", "DKIM_SIGNED", "RATELIMIT_CHECK",
+                       "RATELIMIT_UPDATE", "RATELIMITED"];
+  }}
+}}
+CONF
+rspamadm configtest -q
+systemctl restart rspamd
+"""
+REDIS_CLI = (
+    "redis-cli --no-auth-warning -a \"$(python3 -c 'import json; "
+    'print(json.load(open("/etc/smtpgw/policy.json"))["redis"]["password"])\')" '
 )
 
 
@@ -135,7 +184,7 @@ def open_session(path: Entry, ctx: ssl.SSLContext, marks: dict[str, float] | Non
     smtp.ehlo()
     mark("ehlo_tls" if path.tls != "none" else "ehlo")
     if path.login:
-        smtp.login(SENDER, PASSWORD)
+        smtp.login(path.user or SENDER, PASSWORD)
         mark("auth")
     return smtp
 
@@ -483,6 +532,9 @@ def bench_tenant(client_ip: str) -> dict[str, str]:
             "users:\n"
             f"  - login: {SENDER}\n"
             f'    password: "{PASSWORD}"\n'
+            "  # Only the `2589 rspamd rl` path (--rspamd-ratelimit) logs in with this one.\n"
+            f"  - login: {RL_USER}\n"
+            f'    password: "{PASSWORD}"\n'
             f"networks: [{client_ip}/32]\n"
             "# Counted in Redis by the policy service on 587 (never reached in a bench run).\n"
             "limits: {messages_per_day: 10000000, messages_per_hour: 1000000}\n"
@@ -498,7 +550,7 @@ def per_msg_ms(cpu: float | None, n: int) -> float | None:
     return None if cpu is None or not n else cpu / n * 1000
 
 
-def report(loads: list[Load], rounds: int) -> tuple[float, float]:
+def report(loads: list[Load], rounds: int, paths: list[Entry]) -> tuple[float, float]:
     head = (
         f"{'round':>5}  {'path':<13} {'msgs':>5} {'sess':>4} {'secs':>6} {'accepted/s':>10} "
         f"{'e2e/s':>7} {'relay CPU':>9} {'rspamd':>7} {'sink CPU':>8} {'client CPU':>10}"
@@ -531,10 +583,10 @@ def report(loads: list[Load], rounds: int) -> tuple[float, float]:
 
     print()
     bare_rate, bare_e2e, bare_cpu = total(BARE)
-    for path in LOAD_PATHS:
+    for path in paths:
         rate, e2e, cpu = total(path)
         print(f"   {path.label:<13}: {rate:7.1f} accepted/s, {e2e:7.1f} end to end/s")
-    for path in LOAD_PATHS:
+    for path in paths:
         if path == BARE:
             continue
         rate, e2e, cpu = total(path)
@@ -555,12 +607,18 @@ def report(loads: list[Load], rounds: int) -> tuple[float, float]:
             ratios.append(a.rate / b.rate)
         if rounds > 1:
             print("      per round (accepted/s): " + ", ".join(f"{r:.2f}" for r in ratios))
-    full, no_limits = total(TLS_AUTH)[0], total(NO_LIMITS)[0]
+    full, no_limits = total_rate(loads, TLS_AUTH), total_rate(loads, NO_LIMITS)
     print(
         f"   sending limits (587 full against 2588 no limits): {full / no_limits:.3f}, "
         f"a cost of {(1 - full / no_limits) * 100:.1f} % of accepted/s"
     )
     return full, bare_rate
+
+
+def total_rate(loads: list[Load], path: Entry) -> float:
+    """Accepted messages/s of a path over all its rounds."""
+    mine = [ld for ld in loads if ld.path == path]
+    return sum(ld.accepted for ld in mine) / sum(ld.seconds for ld in mine)
 
 
 # Run inside the relay: CLIENTS concurrent connections to the policy service's socket, each
@@ -612,11 +670,7 @@ def policy_service_rate(clients: int, pairs: int) -> dict:
 
 
 POLICY_SOCKET = "/var/spool/postfix/smtpgw-policy/policy.sock"
-POLICY_RESET = (
-    "redis-cli --no-auth-warning -a \"$(python3 -c 'import json; "
-    'print(json.load(open("/etc/smtpgw/policy.json"))["redis"]["password"])\')" '
-    "DEL smtpgw:limits:tenant:bench >/dev/null"
-)
+POLICY_RESET = REDIS_CLI + "DEL smtpgw:limits:tenant:bench >/dev/null"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -630,6 +684,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=150.0, help="seconds per path and round")
     p.add_argument("--probes", type=int, help="sequential sessions per latency probe (default 30)")
     p.add_argument("--keep", action="store_true", help="leave the bench lab running afterwards")
+    p.add_argument(
+        "--rspamd-ratelimit",
+        action="store_true",
+        help="a fifth path: rspamd's ratelimit module in place of the policy service",
+    )
     p.add_argument(
         "--policy-clients", type=int, default=50, help="concurrent clients of the policy service"
     )
@@ -664,16 +723,22 @@ def main(argv: list[str]) -> int:
             bl.log(f"tenant 'bench': login {SENDER}, network {client_ip}/32 (this machine)")
 
             bl.section(f"The bench's own smtpd services on {RELAY.container} (for the bench only)")
-            for service in BENCH_SERVICES:
+            paths = LOAD_PATHS + ([RSPAMD_RL] if args.rspamd_ratelimit else [])
+            services = BENCH_SERVICES + ((RSPAMD_RL_SERVICE,) if args.rspamd_ratelimit else ())
+            for service in services:
                 bl.on("relay1", "postconf", "-M", "-e", service)
                 bl.log(service)
             bl.on("relay1", "postfix", "reload")
+            if args.rspamd_ratelimit:
+                bl.on("relay1", "sh", "-c", RSPAMD_RL_SETUP)
+                bl.log(f"rspamd's ratelimit module: {RL_USER}'s messages counted in Redis")
             time.sleep(1)
 
             bl.section(f"Sink: smtp-sink on {MX.container} port 25 instead of Postfix")
             sink_start()
             # One message each way.
-            for path, signatures in ((BARE, 0), (NO_MILTER, 0), (TLS_AUTH, 2), (NO_LIMITS, 2)):
+            checks = [(BARE, 0), (NO_MILTER, 0), (TLS_AUTH, 2), (NO_LIMITS, 2)]
+            for path, signatures in checks + ([(RSPAMD_RL, 2)] if args.rspamd_ratelimit else []):
                 sink_clear()
                 smtp = open_session(path, tls_context())
                 smtp.sendmail(SENDER, [RECIPIENT], message(args.size, "check"))
@@ -698,8 +763,8 @@ def main(argv: list[str]) -> int:
             )
             loads: list[Load] = []
             for rnd in range(args.rounds):
-                shift = rnd % len(LOAD_PATHS)
-                order = LOAD_PATHS[shift:] + LOAD_PATHS[:shift]
+                shift = rnd % len(paths)
+                order = paths[shift:] + paths[:shift]
                 for path in order:
                     load = run_load(path, args)
                     setup_ms = statistics.median(load.setup) * 1000 if load.setup else 0.0
@@ -720,7 +785,20 @@ def main(argv: list[str]) -> int:
                         )
             wait_queue_empty(timeout=30)
             bl.section("Results (same run, same relay, same onward path)")
-            report(loads, args.rounds)
+            report(loads, args.rounds, paths)
+            if args.rspamd_ratelimit:
+                # rspamd's module really counted: its buckets are in the relay's Redis.
+                buckets = bl.on("relay1", "sh", "-c", REDIS_CLI + "--scan --pattern 'RL*'")
+                if not buckets.split():
+                    raise bl.BenchError("rspamd's ratelimit module left no bucket in Redis")
+                rl, nolim = total_rate(loads, RSPAMD_RL), total_rate(loads, NO_LIMITS)
+                full = total_rate(loads, TLS_AUTH)
+                print(
+                    f"   rspamd ratelimit (2589 against 2588 no limits): {rl / nolim:.3f}, "
+                    f"a cost of {(1 - rl / nolim) * 100:.1f} % of accepted/s; "
+                    f"the policy service against it (587 full / 2589): {full / rl:.3f}; "
+                    f"{len(buckets.split())} bucket(s) in Redis"
+                )
 
             bl.section(
                 f"The policy service alone: {args.policy_clients} concurrent clients, "

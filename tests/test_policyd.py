@@ -63,3 +63,48 @@ def test_refusal_text_names_the_limit_and_the_wait():
     counters = limits().counters("acme", None)
     text = policyd.over_text(counters, [1, "day", 5, (2 * 60 + 13) * 60_000])
     assert text == "452 4.7.1 tenant acme: 5 messages per day reached; next slot in 2h13m"
+
+
+def test_the_service_answers_over_its_socket(tmp_path):
+    """Requests over the service's unix socket, as Postfix sends them (two in one write too):
+    a tenant with no message limits is answered without Redis, its recipients counted."""
+    import asyncio
+    import json
+
+    tenant = {
+        "name": "gamma",
+        "users": [],
+        "networks": ["192.0.2.64/26"],
+        "limits": {"messages_per_day": None, "recipients_per_message": 2, "logins": {}},
+    }
+    limits_file = tmp_path / "limits.json"
+    limits_file.write_text("# Ansible managed\n" + json.dumps(limits_document([tenant])))
+    # Redis at a closed port: a request that needed it would be answered 451.
+    config = {"limits_file": str(limits_file), "redis": {"host": "127.0.0.1", "port": 1}}
+    policy = policyd.Policy(config)
+
+    def request(state: str, instance: str) -> bytes:
+        return (
+            f"request=smtpd_access_policy\nprotocol_state={state}\nclient_address=192.0.2.70\n"
+            f"sasl_username=\ninstance={instance}\nqueue_id=ABC\nrecipient=r@dest.test\n\n"
+        ).encode()
+
+    async def run() -> list[str]:
+        socket = str(tmp_path / "policy.sock")
+        server = await asyncio.start_unix_server(policy.handle, path=socket)
+        async with server:
+            reader, writer = await asyncio.open_unix_connection(socket)
+            writer.write(request("RCPT", "m1") + request("RCPT", "m1"))
+            writer.write(request("RCPT", "m1"))
+            writer.write(request("END-OF-MESSAGE", "m1"))
+            await writer.drain()
+            replies = [(await reader.readuntil(b"\n\n")).decode().strip() for _ in range(4)]
+            writer.close()
+            return replies
+
+    assert asyncio.run(run()) == [
+        "action=DUNNO",
+        "action=DUNNO",
+        "action=550 5.5.3 tenant gamma: at most 2 recipients per message",
+        "action=DUNNO",
+    ]

@@ -9,10 +9,15 @@ Postfix asks it (the policy delegation protocol, ``check_policy_service``) at tw
   tenant's ``recipients_per_message`` gets ``550 5.5.3``. The first recipient of a message also
   looks at the tenant's counters: a tenant at a limit gets ``452 4.7.1 tenant acme: 5 messages
   per day reached; next slot in 23h59m`` for this and every later recipient of the message.
+  That look asks Redis unless the last count this service saw for the same counters, at most
+  ``ROOM_SECONDS`` old, left more than ``ROOM_MARGIN`` messages in every window (less the messages
+  that began here since): a tenant far below its limits costs one Redis round trip a message, not
+  two. The look is an early refusal only; the count at the end of DATA is what holds the limit.
 - END-OF-MESSAGE: one Lua script in Redis checks every counter of the message (the tenant's and,
   when the login has limits of its own, the login's) and, if none is full, counts the message in
-  all of them, atomically, so that relays sharing a Redis count a tenant once. A message that a
-  race made one too many is deferred (452) at the end of DATA.
+  all of them, atomically, so that relays sharing a Redis count a tenant once; it answers how
+  many messages are left. A message that a race (or a look answered from that last count) made
+  one too many is deferred (452) at the end of DATA.
 
 A counter is a sorted set of the accepted messages' times (Redis's clock): the day is a rolling
 24 hours, the hour a rolling 60 minutes, and "next slot" is when the oldest message that keeps
@@ -50,16 +55,22 @@ HOUR_MS = 3_600_000
 KEY_PREFIX = "smtpgw:limits:"
 LOG_EVERY = 60.0
 INSTANCE_TTL = 3600.0
+# The RCPT look rests on the last count seen when it is this fresh and left more than this.
+ROOM_SECONDS = 10.0
+ROOM_MARGIN = 50
 
 # KEYS: the counters of one message. ARGV: member, commit (1: count the message if it fits),
 # then per key: the day's limit, the hour's limit (0: none).
-# Returns {0} when it fits (and was counted if commit), else {key index, "day"|"hour", limit,
+# Returns {0, messages left} when it fits (and was counted if commit; left is the least, over
+# every counter and window, after this message), else {key index, "day"|"hour", limit,
 # milliseconds until a slot frees}.
 COUNT_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local member = ARGV[1]
 local commit = ARGV[2] == '1'
+local used = commit and 1 or 0
+local left = nil
 for i, key in ipairs(KEYS) do
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 86400000)
   local day = tonumber(ARGV[1 + 2 * i])
@@ -70,6 +81,7 @@ for i, key in ipairs(KEYS) do
       local s = redis.call('ZRANGE', key, n - day, n - day, 'WITHSCORES')
       return {i, 'day', day, tonumber(s[2]) + 86400000 - now}
     end
+    left = math.min(left or day, day - n - used)
   end
   if hour > 0 then
     local n = redis.call('ZCOUNT', key, now - 3600000, '+inf')
@@ -78,6 +90,7 @@ for i, key in ipairs(KEYS) do
                            'LIMIT', n - hour, 1)
       return {i, 'hour', hour, tonumber(s[2]) + 3600000 - now}
     end
+    left = math.min(left or hour, hour - n - used)
   end
 end
 if commit then
@@ -86,7 +99,7 @@ if commit then
     redis.call('PEXPIRE', key, 86400000)
   end
 end
-return {0}
+return {0, left or 0}
 """
 
 
@@ -184,7 +197,9 @@ class Redis:
             reader, writer = conn
             try:
                 writer.write(_encode(args))
-                reply = await asyncio.wait_for(_read_reply(reader), self.timeout)
+                # asyncio.timeout, not wait_for: no task of its own for every call.
+                async with asyncio.timeout(self.timeout):
+                    reply = await _read_reply(reader)
             except RedisReplyError:
                 self._idle.append(conn)
                 raise
@@ -295,6 +310,8 @@ class Policy:
         self.fail_open = self.mode == "fail_open"
         self.relay = config.get("relay") or os.uname().nodename
         self.instances: dict[str, list[Any]] = {}  # instance -> [recipients, over text, time]
+        # The last count seen, per counters of a message: [messages left, monotonic time].
+        self.room: dict[tuple[str, ...], list[float]] = {}
         self.down_since: float | None = None
         self.last_log = 0.0
         self.failures = 0
@@ -303,6 +320,7 @@ class Policy:
     def reload(self) -> None:
         try:
             self.limits = Limits.load(self.config["limits_file"])
+            self.room.clear()
             log(f"limits reloaded: {len(self.limits.tenants)} tenant(s)")
         except (OSError, ValueError) as exc:
             log(f"limits NOT reloaded, keeping the old ones: {exc}")
@@ -359,15 +377,18 @@ class Policy:
             self._purge()
             entry = self.instances[instance] = [0, None, time.monotonic()]
             counters = self.limits.counters(tenant, login)
-            if counters:
+            keys = tuple(c[0] for c in counters)
+            room = self.room.get(keys)
+            if room and room[0] > ROOM_MARGIN and time.monotonic() - room[1] < ROOM_SECONDS:
+                room[0] -= 1  # far below the limits: this message, counted at the end of DATA
+            elif counters:
                 try:
-                    reply = await self.redis.count(
-                        [c[0] for c in counters], ["", 0, *_argv(counters)]
-                    )
+                    reply = await self.redis.count(list(keys), ["", 0, *_argv(counters)])
                 except RedisError as exc:
                     del self.instances[instance]
                     return self._redis_failed(exc)
                 self._redis_ok()
+                self._seen(keys, reply)
                 if int(reply[0]):
                     entry[1] = over_text(counters, reply)
         if entry[1]:
@@ -384,27 +405,36 @@ class Policy:
             return "DUNNO"
         self.seq += 1
         member = f"{self.relay}:{queue_id}:{os.getpid()}:{self.seq}"
+        keys = tuple(c[0] for c in counters)
         try:
-            reply = await self.redis.count([c[0] for c in counters], [member, 1, *_argv(counters)])
+            reply = await self.redis.count(list(keys), [member, 1, *_argv(counters)])
         except RedisError as exc:
+            self.room.pop(keys, None)
             return self._redis_failed(exc)
         self._redis_ok()
+        self._seen(keys, reply)
         if int(reply[0]):
             return over_text(counters, reply)
         return "DUNNO"
 
+    def _seen(self, keys: tuple[str, ...], reply: list[Any]) -> None:
+        """Keep what Redis answered: messages left (none when a counter is full), and when."""
+        left = 0 if int(reply[0]) else int(reply[1])
+        self.room[keys] = [left, time.monotonic()]
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            attrs: dict[str, str] = {}
             while True:
-                line = await reader.readline()
-                if not line:
+                # A request: name=value lines, then an empty line (one read, not one a line).
+                try:
+                    request = await reader.readuntil(b"\n\n")
+                except asyncio.IncompleteReadError:
                     break
-                line = line.rstrip(b"\r\n")
-                if line:
-                    key, _, value = line.decode("utf-8", "replace").partition("=")
-                    attrs[key] = value
-                    continue
+                attrs: dict[str, str] = {}
+                for line in request.decode("utf-8", "replace").splitlines():
+                    key, sep, value = line.partition("=")
+                    if sep:
+                        attrs[key] = value
                 try:
                     action = await self.decide(attrs)
                 except Exception as exc:  # a bug must not stall Postfix: defer, and say why
@@ -412,8 +442,7 @@ class Policy:
                     action = "451 4.3.0 sending limits unavailable; try again later"
                 writer.write(f"action={action}\n\n".encode())
                 await writer.drain()
-                attrs = {}
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.LimitOverrunError):
             pass
         finally:
             writer.close()

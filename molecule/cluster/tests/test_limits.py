@@ -176,6 +176,29 @@ def test_recipients_over_the_limit_are_refused_at_rcpt():
     assert len(delivered.split()) == 3, arrived
 
 
+def evalsha_calls() -> int:
+    stats = redis_cli("INFO", "commandstats")
+    found = re.search(r"^cmdstat_evalsha:calls=(\d+),", stats, re.MULTILINE)
+    return int(found.group(1)) if found else 0
+
+
+def test_far_below_its_limits_a_message_costs_one_redis_round_trip():
+    """`other` (100000 a day) is far below its limit: the RCPT look of a message rests on the last
+    count seen (the previous message's), so only the end-of-DATA count asks Redis; at most the
+    first message's look does too (when relay1's last count of `other` is over 10 s old). Before,
+    every message asked twice. Every message is counted."""
+    before = int(redis_cli("ZCARD", "smtpgw:limits:tenant:other"))
+    calls = evalsha_calls()
+    token = f"lim-{uuid.uuid4().hex}"
+    with connect(sub("relay1", "bulk@other.test")) as smtp:
+        for i in range(6):
+            rcpt = f"{token}-{i}@dest.test"
+            smtp.sendmail("bulk@other.test", [rcpt], message("bulk@other.test", [rcpt], token))
+    assert evalsha_calls() - calls <= 7
+    assert int(redis_cli("ZCARD", "smtpgw:limits:tenant:other")) == before + 6
+    LAB.find_mail(token)
+
+
 def test_a_login_has_a_limit_of_its_own():
     redis_cli("DEL", "smtpgw:limits:login:capped@other.test")
     for relay in ("relay1", "relay2"):
@@ -230,6 +253,39 @@ def test_redis_down_defers_and_counting_resumes():
     assert "Redis reachable again" in LAB.exec(
         "relay2", "journalctl", "-u", "smtpgw-policy", "--since", since, "--no-pager", "-o", "cat"
     )
+
+
+# Run in a lab host: connect to Redis's port and say PING; prints what came of it.
+REDIS_PROBE = """
+import socket, sys
+try:
+    with socket.create_connection((sys.argv[1], 6379), timeout=5) as s:
+        s.sendall(b"PING\\r\\n")
+        print("answered", s.recv(100).decode().strip())
+except OSError as exc:
+    print("refused", type(exc).__name__)
+"""
+
+
+def redis_probe(host: str) -> str:
+    return LAB.exec(host, "python3", "-c", REDIS_PROBE, LAB.ip("redis1")).strip()
+
+
+def test_redis_answers_the_relays_only():
+    # The relays reach it (and must log in); the other lab hosts get a TCP reset.
+    for relay in ("relay1", "relay2"):
+        assert redis_probe(relay).startswith("answered -NOAUTH"), relay
+    for other in ("mx1", "dns1"):
+        assert redis_probe(other) == "refused ConnectionRefusedError", other
+    # It is the role's table that refuses them: without it mx1 reaches Redis; the unit's
+    # reload puts it back.
+    LAB.exec("redis1", "nft", "delete", "table", "inet", "smtpgw_redis")
+    try:
+        assert redis_probe("mx1").startswith("answered -NOAUTH")
+    finally:
+        LAB.exec("redis1", "systemctl", "reload", "smtpgw-redis-firewall")
+    assert redis_probe("mx1") == "refused ConnectionRefusedError"
+    assert redis_probe("relay2").startswith("answered -NOAUTH")
 
 
 @pytest.mark.skipif(not os.environ.get("MOLECULE_INVENTORY_FILE"), reason="runs under Molecule")
