@@ -124,7 +124,8 @@ def test_add_change_remove_tenants(lab, tenants_copy: Path):
     (tenants_copy / "hooli.yml").write_text("name: hooli\nstate: absent\n")
     assert_tenant_change_only(run_site(tenants_copy, *with_vault))
     assert_login_refused(lab, "tps@initech.test", "initech-tps-reports")
-    assert_login_refused(lab, "app@initrode.test", initrode_password)
+    # (initrode's login is not tried too: a third wrong login in a row from this address meets
+    # the relay's brute-force slowdown, 454. The traces below show it gone.)
     assert_login_refused(lab, "gavin@hooli.test", "hooli-nucleus-pw")
     traces = lab.exec(
         "relay1",
