@@ -62,6 +62,18 @@ step "Mail from a device on acme's network (this machine), port 25, no login"
 smtpgw send --server "$relay" --port 25 --tls starttls --server-name relay1.lab.test \
     --ca "$pki/ca.crt" --from scanner@acme.test --to carol@dest.test --expect-on mx1
 
+step "Health: each relay's mail flow (smtpgw health), and the tenants' counts on its /metrics"
+smtpgw health "$inventory"
+python3 - "$relay" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://{sys.argv[1]}:9155/metrics", timeout=10).read().decode()
+print("\n".join(line for line in text.splitlines() if line.startswith("smtpgw_messages_total")))
+PY
+
+step "Doctor: every layer of the gateway, from names to the tenants' DNS (smtpgw doctor)"
+# (The password: from the login's tenant file. The CA: this lab's own.)
+smtpgw doctor "$inventory" --login scanner@acme.test --ca "$pki/ca.crt"
+
 step "Lab status"
 smtpgw lab status
 printf '\nThe lab keeps running: `make lab-down` removes it.\n'

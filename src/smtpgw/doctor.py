@@ -637,6 +637,12 @@ class InventoryDoctor:
         self.ports = list(ports)
         self._load()
         self.cafile = cafile or self.setting("smtpgw_doctor_ca")
+        if self.cafile and not Path(self.cafile).is_file():
+            where = "--ca" if cafile else f"smtpgw_doctor_ca in {inventory}"
+            raise DoctorError(
+                f"{where}: no such file {self.cafile}; "
+                "give the CA that signed the relays' certificates"
+            )
         self.resolver = Resolver(self.setting("smtpgw_dns_resolver"))
 
     # -- the inventory ---------------------------------------------------------------------
@@ -745,11 +751,13 @@ class InventoryDoctor:
             for user in (data.get("users") or []) if isinstance(data, dict) else []:
                 if isinstance(user, dict) and str(user.get("login")) == self.login:
                     if user.get("password") is not None:
-                        from ansible.template import Templar
+                        from ansible.template import Templar, trust_as_template
 
                         variables = self._vars.get_vars(host=self._first)
                         templar = Templar(loader=self._loader, variables=variables)
-                        return str(templar.template(user["password"]))
+                        # Read from the file, not through Ansible: trusted as a template here,
+                        # as the relay role's run trusts it, or Ansible returns it as written.
+                        return str(templar.template(trust_as_template(str(user["password"]))))
                     raise DoctorError(
                         f"{file}: {self.login} has only a password_hash; give the password in "
                         "SMTPGW_DOCTOR_PASSWORD"
