@@ -12,14 +12,16 @@ logs=.lab/logs
 mkdir -p "$logs"
 [ "$#" -gt 0 ] || { echo "usage: $0 SCENARIO..." >&2; exit 2; }
 
-declare -A pid_of start_of
+declare -A pid_of=() start_of=()
 # Interrupted: stop the scenarios still running (their containers go with the next run's destroy).
 trap 'kill $(jobs -p) 2>/dev/null; exit 130' INT TERM
 failed=()
+passed=()
 finish() {  # $1 scenario, $2 exit status
     local took=$(( $(date +%s) - start_of[$1] ))
     if [ "$2" -eq 0 ]; then
         echo "== scenario $1: passed in $((took / 60))m$((took % 60))s ($logs/$1.log)"
+        passed+=("$1")
     else
         echo "== scenario $1: FAILED (rc $2) after $((took / 60))m$((took % 60))s; its log:"
         cat "$logs/$1.log"
@@ -57,3 +59,9 @@ if [ "${#failed[@]}" -gt 0 ]; then
     echo "== failed: ${failed[*]}"
     exit 1
 fi
+# Every one given must have run and passed: anything else (this script broken) is a failure too.
+if [ "${#passed[@]}" -ne "$#" ]; then
+    echo "== only ${#passed[@]} of $# passed (${passed[*]:-none}): the runner itself failed" >&2
+    exit 1
+fi
+echo "== all $# passed: $*"
