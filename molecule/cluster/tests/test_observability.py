@@ -181,9 +181,19 @@ def test_smart_host_down_defers_and_health_follows_the_queue():
     LAB.exec("relay2", "postqueue", "-f")
     LAB.find_mail(token)
     wait_for("relay2 healthy again", lambda: get("relay2", "/health")[0] == 200, 60)
-    assert metric("relay2", "smtpgw_messages_total", tenant="routed", result="delivered") == (
-        delivered + 1
-    )
+
+    # The queue (read directly) can empty before the service has read the delivery's log line
+    # from the journal: wait for the count, then it must be exactly one more.
+    def delivered_now() -> float:
+        return metric("relay2", "smtpgw_messages_total", tenant="routed", result="delivered")
+
+    try:
+        wait_for("the delivery in the metrics", lambda: delivered_now() > delivered, 30)
+    except AssertionError as exc:
+        seen = LAB.exec("relay2", "journalctl", "-t", "smtpgw-mail", "--no-pager", check=False)
+        service = LAB.exec("relay2", "systemctl", "status", "smtpgw-metrics", check=False)
+        raise AssertionError(f"{exc}\n{seen[-3000:]}\n{service[-1500:]}") from None
+    assert delivered_now() == delivered + 1
     assert metric("relay2", "smtpgw_tenant_queued_messages", tenant="routed") == 0
     # Its hops: the deferred attempts and the delivery through upstream1, by the relay's queue id.
     if os.environ.get("MOLECULE_INVENTORY_FILE"):
