@@ -209,7 +209,8 @@ def test_rejected_configuration_is_never_written(tmp_path, lab_host, dns1, mx1):
                     {"zone": "elsewhere.test", "name": "x", "type": "A", "value": "192.0.2.1"}
                 ]
             },
-            "must be one of lab_dns_zones (records outside them: ['elsewhere.test'])",
+            "must be one of lab_dns_zones or the reverse zones "
+            "(records outside them: ['elsewhere.test'])",
         ),
     ],
     ids=["no-nameserver", "nameserver-not-address", "record-without-type", "record-outside-zones"],
