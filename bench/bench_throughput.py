@@ -13,9 +13,12 @@ rounds that rotate the order, it sends the same number of 5 KB messages through 
   the client is on the tenant's network;
 - `2587 no milter`: 587's settings (STARTTLS, AUTH) without rspamd, also added by the bench, so
   the cost of TLS and AUTH and the cost of rspamd show apart;
-- `2588 no limits`: 587 exactly (TLS, AUTH, rspamd) without the policy service, so the cost of
-  the sending limits (a policy request at RCPT and at the end of DATA, a Lua script in the
-  relay's Redis) shows as the ratio of 587 to it;
+- `2588 no limits`: 587 exactly (TLS, AUTH, rspamd) without the sending limits: no policy
+  service at RCPT, and a login of the bench tenant for which an rspamd settings rule the bench
+  adds leaves out the count at the end of DATA (`SMTPGW_LIMITS`), so the cost of the limits (a
+  policy request at RCPT, answered without Redis while the tenant is far below its limits, and
+  rspamd's run of the counter script in the relay's Redis) shows as the ratio of 587 to it; the
+  bench checks that 587's messages, and only those, were counted in Redis;
 - `2589 rspamd rl` (with `--rspamd-ratelimit`): 2588 with rspamd's own `ratelimit` module in
   place of the policy service, counting the login in the relay's Redis (a leaky bucket the bench
   sets up for a second login of the bench tenant, which only this path uses), so that the two
@@ -79,7 +82,8 @@ TLS_AUTH = Entry("587 full", 587, "starttls", True)
 BARE = Entry("2525 bare", 2525, "none", False)
 NO_MILTER = Entry("2587 no milter", 2587, "starttls", True)  # 587 without rspamd: where time goes
 # 587 exactly (TLS, AUTH, rspamd) without the policy service: what the sending limits cost.
-NO_LIMITS = Entry("2588 no limits", 2588, "starttls", True)
+NL_USER = "nolimits@bench.test"
+NO_LIMITS = Entry("2588 no limits", 2588, "starttls", True, NL_USER)
 # 2588 with rspamd's ratelimit module counting the login (RL_USER) in Redis (--rspamd-ratelimit).
 RL_USER = "rl@bench.test"
 RSPAMD_RL = Entry("2589 rspamd rl", 2589, "starttls", True, RL_USER)
@@ -137,6 +141,21 @@ smtpgw_bench_ratelimit {{
   apply {{
     symbols_enabled = ["SMTPGW_FROM_CHECK", "DKIM_SIGNED", "RATELIMIT_CHECK",
                        "RATELIMIT_UPDATE", "RATELIMITED"];
+  }}
+}}
+CONF
+rspamadm configtest -q
+systemctl restart rspamd
+"""
+# 2588's login: rspamd runs the sender check and DKIM for it, not the count (SMTPGW_LIMITS).
+NO_LIMITS_SETUP = f"""set -e
+grep -q smtpgw_bench_nolimits /etc/rspamd/local.d/settings.conf ||
+  cat >> /etc/rspamd/local.d/settings.conf <<'CONF'
+smtpgw_bench_nolimits {{
+  priority = 10;
+  user = "{NL_USER}";
+  apply {{
+    symbols_enabled = ["SMTPGW_FROM_CHECK", "DKIM_SIGNED"];
   }}
 }}
 CONF
@@ -532,11 +551,14 @@ def bench_tenant(client_ip: str) -> dict[str, str]:
             "users:\n"
             f"  - login: {SENDER}\n"
             f'    password: "{PASSWORD}"\n'
+            "  # Only the `2588 no limits` path logs in with this one (never counted).\n"
+            f"  - login: {NL_USER}\n"
+            f'    password: "{PASSWORD}"\n'
             "  # Only the `2589 rspamd rl` path (--rspamd-ratelimit) logs in with this one.\n"
             f"  - login: {RL_USER}\n"
             f'    password: "{PASSWORD}"\n'
             f"networks: [{client_ip}/32]\n"
-            "# Counted in Redis by the policy service on 587 (never reached in a bench run).\n"
+            "# Counted in Redis by rspamd on 587 (never reached in a bench run).\n"
             "limits: {messages_per_day: 10000000, messages_per_hour: 1000000}\n"
         )
     }
@@ -622,8 +644,8 @@ def total_rate(loads: list[Load], path: Entry) -> float:
 
 
 # Run inside the relay: CLIENTS concurrent connections to the policy service's socket, each
-# sending PAIRS pairs of requests as Postfix does for a one-recipient message (RCPT, then
-# END-OF-MESSAGE), as the bench tenant's login; prints requests, seconds and refusals as JSON.
+# sending PAIRS requests as Postfix does for a one-recipient message (its RCPT, a new message
+# each time), as the bench tenant's login; prints requests, seconds and refusals as JSON.
 POLICY_CLIENT = """
 import asyncio, json, time, uuid
 SOCKET, LOGIN, CLIENTS, PAIRS = %r, %r, %d, %d
@@ -637,7 +659,7 @@ async def client(results):
     reader, writer = await asyncio.open_unix_connection(SOCKET)
     for _ in range(PAIRS):
         instance = uuid.uuid4().hex[:12]
-        for state in ("RCPT", "END-OF-MESSAGE"):
+        for state in ("RCPT",):
             writer.write(request(state, instance))
             await writer.drain()
             reply = (await reader.readuntil(b"\\n\\n")).decode()
@@ -670,7 +692,31 @@ def policy_service_rate(clients: int, pairs: int) -> dict:
 
 
 POLICY_SOCKET = "/var/spool/postfix/smtpgw-policy/policy.sock"
-POLICY_RESET = REDIS_CLI + "DEL smtpgw:limits:tenant:bench >/dev/null"
+BENCH_COUNTER = "smtpgw:limits:tenant:bench"
+POLICY_RESET = REDIS_CLI + f"DEL {BENCH_COUNTER} >/dev/null"
+# The counter script as rspamd runs it for a message (commit 1, the bench tenant's limits), by
+# redis-benchmark: CLIENTS connections, REQUESTS runs, a random member each.
+COUNT_BENCH = (
+    "set -e\n"
+    'pw=$(python3 -c \'import json; print(json.load(open("/etc/smtpgw/policy.json"))'
+    '["redis"]["password"])\')\n'
+    'sha=$(redis-cli --no-auth-warning -a "$pw" SCRIPT LOAD '
+    '"$(cat /usr/local/lib/smtpgw/limits_count.lua)")\n'
+    'redis-benchmark -a "$pw" -q -c %d -n %d -r 100000000 '
+    'EVALSHA "$sha" 1 smtpgw:limits:tenant:benchcount m:__rand_int__ 1 10000000 1000000\n'
+    'redis-cli --no-auth-warning -a "$pw" DEL smtpgw:limits:tenant:benchcount >/dev/null\n'
+)
+
+
+def count_script_rate(clients: int, requests: int) -> float:
+    """Runs of the counter script a second in the relay's Redis, `clients` at once."""
+    import re
+
+    out = bl.on("relay1", "sh", "-c", COUNT_BENCH % (clients, requests))
+    found = re.search(r"([\d.]+) requests per second", out)
+    if not found:
+        raise bl.BenchError(f"redis-benchmark said: {out[-300:]}")
+    return float(found.group(1))
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -693,7 +739,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--policy-clients", type=int, default=50, help="concurrent clients of the policy service"
     )
     p.add_argument(
-        "--policy-pairs", type=int, default=200, help="RCPT + END-OF-MESSAGE pairs a client"
+        "--policy-pairs", type=int, default=200, help="requests a client of the counting parts"
     )
     args = p.parse_args(argv)
     args.messages = args.messages or (1000 if args.quick else 2000)
@@ -729,6 +775,8 @@ def main(argv: list[str]) -> int:
                 bl.on("relay1", "postconf", "-M", "-e", service)
                 bl.log(service)
             bl.on("relay1", "postfix", "reload")
+            bl.on("relay1", "sh", "-c", NO_LIMITS_SETUP)
+            bl.log(f"2588 logs in as {NL_USER}: rspamd's count (SMTPGW_LIMITS) skips it")
             if args.rspamd_ratelimit:
                 bl.on("relay1", "sh", "-c", RSPAMD_RL_SETUP)
                 bl.log(f"rspamd's ratelimit module: {RL_USER}'s messages counted in Redis")
@@ -762,6 +810,7 @@ def main(argv: list[str]) -> int:
                 f"{args.sessions} sessions of {args.per_session} messages, {args.rounds} round(s)"
             )
             loads: list[Load] = []
+            bl.on("relay1", "sh", "-c", POLICY_RESET)
             for rnd in range(args.rounds):
                 shift = rnd % len(paths)
                 order = paths[shift:] + paths[:shift]
@@ -784,6 +833,14 @@ def main(argv: list[str]) -> int:
                             f"reached the sink; see `postqueue -p` on {RELAY.container}"
                         )
             wait_queue_empty(timeout=30)
+            # 587's messages, and no others, were counted (by rspamd at the end of DATA).
+            counted = int(bl.on("relay1", "sh", "-c", REDIS_CLI + f"ZCARD {BENCH_COUNTER}"))
+            full_accepted = sum(ld.accepted for ld in loads if ld.path == TLS_AUTH)
+            if counted != full_accepted:
+                raise bl.BenchError(
+                    f"{counted} message(s) counted in Redis, not the {full_accepted} of 587 full"
+                )
+            bl.log(f"counted in Redis: {counted}, the messages 587 full accepted")
             bl.section("Results (same run, same relay, same onward path)")
             report(loads, args.rounds, paths)
             if args.rspamd_ratelimit:
@@ -801,20 +858,24 @@ def main(argv: list[str]) -> int:
                 )
 
             bl.section(
-                f"The policy service alone: {args.policy_clients} concurrent clients, "
-                f"{args.policy_pairs} messages (RCPT + END-OF-MESSAGE) each, counted in Redis"
+                f"The counting parts alone, {args.policy_clients} concurrent clients, on "
+                f"{RELAY.container}"
             )
             # The bench tenant's counter holds every message of this run: start it empty.
             bl.on("relay1", "sh", "-c", POLICY_RESET)
             got = policy_service_rate(args.policy_clients, args.policy_pairs)
             print(
-                f"   {got['requests']} requests in {got['seconds']:.2f} s: "
-                f"{got['requests'] / got['seconds']:.0f} requests/s "
-                f"({got['requests'] / got['seconds'] / 2:.0f} messages/s), "
-                f"{got['refused']} refused"
+                f"   the policy service (a message's first RCPT each, the bench tenant far below "
+                f"its limits): {got['requests']} requests in {got['seconds']:.2f} s: "
+                f"{got['requests'] / got['seconds']:.0f} requests/s, {got['refused']} refused"
             )
             if got["refused"]:
                 raise bl.BenchError(f"the policy service refused: {got['last']}")
+            rate = count_script_rate(args.policy_clients, args.policy_pairs * args.policy_clients)
+            print(
+                f"   the counter script in the relay's Redis (rspamd's count of a message, "
+                f"redis-benchmark): {rate:.0f} requests/s"
+            )
     except (bl.BenchError, OSError, smtplib.SMTPException, ssl.SSLError) as exc:
         return bl.fail(f"{exc}\nrerun: {rerun}")
     except KeyboardInterrupt:

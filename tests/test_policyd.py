@@ -67,7 +67,8 @@ def test_refusal_text_names_the_limit_and_the_wait():
 
 def test_the_service_answers_over_its_socket(tmp_path):
     """Requests over the service's unix socket, as Postfix sends them (two in one write too):
-    a tenant with no message limits is answered without Redis, its recipients counted."""
+    a tenant with no message limits is answered without Redis, its recipients counted; any
+    state but RCPT is passed (the count at the end of DATA is rspamd's)."""
     import asyncio
     import json
 
@@ -108,3 +109,36 @@ def test_the_service_answers_over_its_socket(tmp_path):
         "action=550 5.5.3 tenant gamma: at most 2 recipients per message",
         "action=DUNNO",
     ]
+
+
+def test_a_message_is_forgotten_ten_minutes_after_its_last_rcpt(tmp_path):
+    """Postfix says nothing when a message ends (the count at the end of DATA is rspamd's), so
+    the service forgets a message INSTANCE_TTL after its last RCPT, oldest first."""
+    import asyncio
+    import json
+
+    limits_file = tmp_path / "limits.json"
+    limits_file.write_text(json.dumps(limits_document(TENANTS[1:])))
+    policy = policyd.Policy({"limits_file": str(limits_file), "redis": {"port": 1}})
+    rcpt = {"protocol_state": "RCPT", "client_address": "192.0.2.200"}
+
+    async def run() -> None:
+        for instance in ("m1", "m2", "m1"):  # m1's second RCPT makes m2 the oldest
+            assert await policy.decide({**rcpt, "instance": instance}) == "DUNNO"
+
+    asyncio.run(run())
+    assert list(policy.instances) == ["m2", "m1"]
+    assert [entry[0] for entry in policy.instances.values()] == [1, 2]  # recipients of each
+    policy.instances["m2"][2], policy.instances["m1"][2] = 100.0, 200.0  # last RCPTs' times
+    policy._purge(100.0 + policyd.INSTANCE_TTL - 0.5)
+    assert list(policy.instances) == ["m2", "m1"]
+    policy._purge(100.0 + policyd.INSTANCE_TTL + 0.5)
+    assert list(policy.instances) == ["m1"]
+    policy._purge(200.0 + policyd.INSTANCE_TTL + 0.5)
+    assert policy.instances == {}
+
+
+def test_the_counter_script_is_the_file_rspamd_runs_too():
+    script = policyd.COUNT_SCRIPT
+    assert "redis.call('ZADD', key, now, member)" in script
+    assert script.startswith("-- smtpgw's sending-limit counter")

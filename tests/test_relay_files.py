@@ -33,6 +33,7 @@ def test_every_file_once_with_its_owner_mode_and_service():
         "/etc/postfix/smtpgw/tls_policy",
         "/etc/rspamd/local.d/dkim_signing.conf",
         "/etc/rspamd/smtpgw/domains.map",
+        "/etc/rspamd/smtpgw/limits.map",
         "/etc/rspamd/smtpgw/logins.map",
         "/etc/rspamd/smtpgw/networks.map",
         "/etc/smtpgw/limits.json",
@@ -70,6 +71,27 @@ def test_rspamd_maps():
     assert files["/etc/dovecot/smtpgw-users"]["lines"] == [
         "a@acme.test:{SHA512-CRYPT}$6$x",
         "b@acme.test:{SHA512-CRYPT}$6$y",
+    ]
+
+
+def test_rspamd_limits_map_has_every_counter_with_a_message_limit():
+    acme = {
+        **ACME,
+        "limits": {
+            "messages_per_day": 100,
+            "messages_per_hour": None,
+            "recipients_per_message": 50,
+            "logins": {"B@acme.test": {"messages_per_hour": 5}, "a@acme.test": {}},
+        },
+    }
+    acme["users"] = [*ACME["users"], {"login": "B@acme.test", "password_hash": "x"}]
+    only_recipients = {**GLOBEX, "limits": {"recipients_per_message": 3}}
+    files = by_name(relay_files([only_recipients, acme], []))
+    # The keys name the policy service's counters (logins lower-cased); day,hour with 0 for none;
+    # a tenant (or login) without a message limit is never counted, so it has no line.
+    assert files["/etc/rspamd/smtpgw/limits.map"]["lines"] == [
+        "tenant:acme 100,0",
+        "login:b@acme.test 0,5",
     ]
 
 

@@ -3,21 +3,22 @@
 This file runs on the relays as it is (the relay role copies it to
 /usr/local/lib/smtpgw/policyd.py): Python's standard library only, no smtpgw import.
 
-Postfix asks it (the policy delegation protocol, ``check_policy_service``) at two points:
+Postfix asks it (the policy delegation protocol, ``check_policy_service``) at each RCPT: the
+recipients of one message (Postfix's ``instance``) are counted; one over the tenant's
+``recipients_per_message`` gets ``550 5.5.3``. The first recipient of a message also looks at the
+tenant's counters: a tenant at a limit gets ``452 4.7.1 tenant acme: 5 messages per day reached;
+next slot in 23h59m`` for this and every later recipient of the message. That look asks Redis
+(the counter script with commit 0) unless the last look at the same counters, at most
+``ROOM_SECONDS`` old, left more than ``ROOM_MARGIN`` messages in every window (less the messages
+that began here since): a tenant far below its limits costs a Redis round trip every
+``ROOM_SECONDS``, not one a message.
 
-- RCPT: the recipients of one message (Postfix's ``instance``) are counted; one over the
-  tenant's ``recipients_per_message`` gets ``550 5.5.3``. The first recipient of a message also
-  looks at the tenant's counters: a tenant at a limit gets ``452 4.7.1 tenant acme: 5 messages
-  per day reached; next slot in 23h59m`` for this and every later recipient of the message.
-  That look asks Redis unless the last count this service saw for the same counters, at most
-  ``ROOM_SECONDS`` old, left more than ``ROOM_MARGIN`` messages in every window (less the messages
-  that began here since): a tenant far below its limits costs one Redis round trip a message, not
-  two. The look is an early refusal only; the count at the end of DATA is what holds the limit.
-- END-OF-MESSAGE: one Lua script in Redis checks every counter of the message (the tenant's and,
-  when the login has limits of its own, the login's) and, if none is full, counts the message in
-  all of them, atomically, so that relays sharing a Redis count a tenant once; it answers how
-  many messages are left. A message that a race (or a look answered from that last count) made
-  one too many is deferred (452) at the end of DATA.
+The look is an early refusal only. What holds the limit is the count at the end of DATA, which is
+not this service's: rspamd, the milter every message passes anyway, runs the same counter script
+(``limits_count.lua``, beside this file) with commit 1 in the same Redis, atomically over every
+counter of the message (the tenant's and, when the login has limits of its own, the login's), so
+that relays sharing a Redis count a tenant once; a message that does not fit is deferred there
+(``451 4.7.1``).
 
 A counter is a sorted set of the accepted messages' times (Redis's clock): the day is a rolling
 24 hours, the hour a rolling 60 minutes, and "next slot" is when the oldest message that keeps
@@ -28,7 +29,8 @@ address. Mail of no tenant (rejected by Postfix's relay checks before it gets he
 
 Redis unreachable: ``fail_closed`` (the default) defers with ``451 4.3.0``, ``fail_open`` passes the
 mail uncounted; either way one log line a minute says so, and the next request tries Redis again,
-so the service recovers by itself. SIGHUP rereads the limits file (the role reloads on change).
+so the service recovers by itself (rspamd's count does the same on its side). SIGHUP rereads the
+limits file (the role reloads on change).
 
 Usage: ``policyd.py serve CONFIG`` (the service), ``policyd.py show CONFIG [TENANT] [--json]``.
 CONFIG (JSON, written by the role): ``socket``, ``limits_file``, ``redis`` {host, port,
@@ -48,59 +50,22 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
 KEY_PREFIX = "smtpgw:limits:"
 LOG_EVERY = 60.0
-INSTANCE_TTL = 3600.0
+# A message is forgotten this long after its last RCPT (Postfix waits 300 s for a command).
+INSTANCE_TTL = 600.0
 # The RCPT look rests on the last count seen when it is this fresh and left more than this.
 ROOM_SECONDS = 10.0
 ROOM_MARGIN = 50
 
-# KEYS: the counters of one message. ARGV: member, commit (1: count the message if it fits),
-# then per key: the day's limit, the hour's limit (0: none).
-# Returns {0, messages left} when it fits (and was counted if commit; left is the least, over
-# every counter and window, after this message), else {key index, "day"|"hour", limit,
-# milliseconds until a slot frees}.
-COUNT_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local member = ARGV[1]
-local commit = ARGV[2] == '1'
-local used = commit and 1 or 0
-local left = nil
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - 86400000)
-  local day = tonumber(ARGV[1 + 2 * i])
-  local hour = tonumber(ARGV[2 + 2 * i])
-  if day > 0 then
-    local n = redis.call('ZCARD', key)
-    if n >= day then
-      local s = redis.call('ZRANGE', key, n - day, n - day, 'WITHSCORES')
-      return {i, 'day', day, tonumber(s[2]) + 86400000 - now}
-    end
-    left = math.min(left or day, day - n - used)
-  end
-  if hour > 0 then
-    local n = redis.call('ZCOUNT', key, now - 3600000, '+inf')
-    if n >= hour then
-      local s = redis.call('ZRANGEBYSCORE', key, now - 3600000, '+inf', 'WITHSCORES',
-                           'LIMIT', n - hour, 1)
-      return {i, 'hour', hour, tonumber(s[2]) + 3600000 - now}
-    end
-    left = math.min(left or hour, hour - n - used)
-  end
-end
-if commit then
-  for _, key in ipairs(KEYS) do
-    redis.call('ZADD', key, now, member)
-    redis.call('PEXPIRE', key, 86400000)
-  end
-end
-return {0, left or 0}
-"""
+# The counter script (src/smtpgw/limits_count.lua, installed beside this file): rspamd counts
+# each message with it at the end of DATA; this service runs it to look (commit 0) at RCPT.
+COUNT_SCRIPT = (Path(__file__).resolve().parent / "limits_count.lua").read_text(encoding="utf-8")
 
 
 def log(message: str) -> None:
@@ -310,12 +275,11 @@ class Policy:
         self.fail_open = self.mode == "fail_open"
         self.relay = config.get("relay") or os.uname().nodename
         self.instances: dict[str, list[Any]] = {}  # instance -> [recipients, over text, time]
-        # The last count seen, per counters of a message: [messages left, monotonic time].
+        # The last look, per counters of a message: [messages left, monotonic time].
         self.room: dict[tuple[str, ...], list[float]] = {}
         self.down_since: float | None = None
         self.last_log = 0.0
         self.failures = 0
-        self.seq = 0
 
     def reload(self) -> None:
         try:
@@ -349,33 +313,36 @@ class Policy:
             self.last_log = 0.0
             self.failures = 0
 
-    def _purge(self) -> None:
-        if len(self.instances) > 10_000:
-            cutoff = time.monotonic() - INSTANCE_TTL
-            for key in [k for k, v in self.instances.items() if v[2] < cutoff]:
-                del self.instances[key]
+    def _purge(self, now: float) -> None:
+        """Forget the messages whose last RCPT is over INSTANCE_TTL old (they come first: each
+        RCPT moves its message to the end)."""
+        cutoff = now - INSTANCE_TTL
+        while self.instances:
+            oldest = next(iter(self.instances))
+            if self.instances[oldest][2] >= cutoff:
+                break
+            del self.instances[oldest]
 
     async def decide(self, attrs: dict[str, str]) -> str:
+        if attrs.get("protocol_state", "").upper() != "RCPT":
+            return "DUNNO"
         whose = self.limits.tenant_of(
             attrs.get("sasl_username", ""), attrs.get("client_address", "")
         )
         if whose is None:
             return "DUNNO"
         tenant, login = whose
-        state = attrs.get("protocol_state", "").upper()
-        instance = attrs.get("instance", "")
-        if state == "RCPT":
-            return await self._rcpt(tenant, login, instance)
-        if state == "END-OF-MESSAGE":
-            self.instances.pop(instance, None)
-            return await self._commit(tenant, login, attrs.get("queue_id", ""))
-        return "DUNNO"
+        return await self._rcpt(tenant, login, attrs.get("instance", ""))
 
     async def _rcpt(self, tenant: str, login: str | None, instance: str) -> str:
-        entry = self.instances.get(instance)
-        if entry is None:
-            self._purge()
-            entry = self.instances[instance] = [0, None, time.monotonic()]
+        now = time.monotonic()
+        entry = self.instances.pop(instance, None)
+        if entry is not None:
+            entry[2] = now
+            self.instances[instance] = entry  # to the end: the most recent RCPT
+        else:
+            self._purge(now)
+            entry = self.instances[instance] = [0, None, now]
             counters = self.limits.counters(tenant, login)
             keys = tuple(c[0] for c in counters)
             room = self.room.get(keys)
@@ -385,12 +352,16 @@ class Policy:
                 try:
                     reply = await self.redis.count(list(keys), ["", 0, *_argv(counters)])
                 except RedisError as exc:
-                    del self.instances[instance]
+                    self.instances.pop(instance, None)
+                    self.room.pop(keys, None)
                     return self._redis_failed(exc)
                 self._redis_ok()
-                self._seen(keys, reply)
                 if int(reply[0]):
                     entry[1] = over_text(counters, reply)
+                    self.room.pop(keys, None)
+                else:
+                    # What Redis counted, less this message (rspamd counts it at the end of DATA).
+                    self.room[keys] = [int(reply[1]) - 1, time.monotonic()]
         if entry[1]:
             return entry[1]
         most = self.limits.effective(tenant, login).get("recipients_per_message")
@@ -398,29 +369,6 @@ class Policy:
             return f"550 5.5.3 tenant {tenant}: at most {most} recipients per message"
         entry[0] += 1
         return "DUNNO"
-
-    async def _commit(self, tenant: str, login: str | None, queue_id: str) -> str:
-        counters = self.limits.counters(tenant, login)
-        if not counters:
-            return "DUNNO"
-        self.seq += 1
-        member = f"{self.relay}:{queue_id}:{os.getpid()}:{self.seq}"
-        keys = tuple(c[0] for c in counters)
-        try:
-            reply = await self.redis.count(list(keys), [member, 1, *_argv(counters)])
-        except RedisError as exc:
-            self.room.pop(keys, None)
-            return self._redis_failed(exc)
-        self._redis_ok()
-        self._seen(keys, reply)
-        if int(reply[0]):
-            return over_text(counters, reply)
-        return "DUNNO"
-
-    def _seen(self, keys: tuple[str, ...], reply: list[Any]) -> None:
-        """Keep what Redis answered: messages left (none when a counter is full), and when."""
-        left = 0 if int(reply[0]) else int(reply[1])
-        self.room[keys] = [left, time.monotonic()]
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -21,6 +21,9 @@ rspamd's maps:
 - ``networks.map``: ``cidr tenant`` - the tenant of each client network (a radix map);
 - ``domains.map``: ``tenant domain,domain`` - the domains a tenant may use in the envelope
   sender (devices) and the header From (everyone);
+- ``limits.map``: ``tenant:NAME DAY,HOUR`` and ``login:LOGIN DAY,HOUR`` - the message limits
+  (0: none) of every tenant with one, and of every login with limits of its own: what rspamd's
+  count at the end of DATA holds each message to (``SMTPGW_LIMITS``);
 - ``dkim_signing.conf``: the signing table, both keys of every tenant domain.
 
 The policy service's limits (``limits.json``, read by src/smtpgw/policyd.py on the relay): the
@@ -139,6 +142,7 @@ def relay_files(
             [f"{tenant['name']} {','.join(tenant['domains'])}" for tenant in tenants],
             **rspamd,
         ),
+        _file(f"{where.rspamd_maps}/limits.map", rspamd_limits_lines(tenants), **rspamd),
         _file(
             f"{where.rspamd_local}/dkim_signing.conf",
             dkim_signing_lines(tenants, selectors or DEFAULT_SELECTORS, where, domain_selectors),
@@ -168,6 +172,24 @@ def limits_document(tenants: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             doc["logins"][user["login"]] = entry
         doc["networks"] += [[str(net), name] for net in tenant.get("networks") or []]
     return doc
+
+
+def rspamd_limits_lines(tenants: Iterable[Mapping[str, Any]]) -> list[str]:
+    """limits.map: the message limits of each counter that has one, as rspamd's count reads them
+    (the keys name the Redis counters the policy service looks at)."""
+    doc = limits_document(tenants)
+    subjects = [(f"tenant:{name}", lim) for name, lim in sorted(doc["tenants"].items())]
+    subjects += [
+        (f"login:{login.lower()}", entry["limits"])
+        for login, entry in sorted(doc["logins"].items())
+        if entry.get("limits")
+    ]
+    lines = []
+    for key, lim in subjects:
+        day, hour = lim.get("messages_per_day") or 0, lim.get("messages_per_hour") or 0
+        if day or hour:
+            lines.append(f"{key} {day},{hour}")
+    return lines
 
 
 def limits_lines(tenants: Iterable[Mapping[str, Any]]) -> list[str]:
