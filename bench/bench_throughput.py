@@ -128,7 +128,8 @@ servers = "127.0.0.1:6379";
 password = "$pw";
 rates {{
   smtpgw_bench = {{
-    selector = "user.lower";
+    # RL_USER's messages only: the settings rules alone did not keep the module off the others.
+    selector = 'user.lower.equal("{RL_USER}")';
     bucket = {{ burst = 10000000; rate = "1000000 / 1h"; }}
   }}
 }}
@@ -846,8 +847,11 @@ def main(argv: list[str]) -> int:
             if args.rspamd_ratelimit:
                 # rspamd's module really counted: its buckets are in the relay's Redis.
                 buckets = bl.on("relay1", "sh", "-c", REDIS_CLI + "--scan --pattern 'RL*'")
-                if not buckets.split():
-                    raise bl.BenchError("rspamd's ratelimit module left no bucket in Redis")
+                if len(buckets.split()) != 1:
+                    raise bl.BenchError(
+                        f"rspamd's ratelimit module left {len(buckets.split())} bucket(s) in "
+                        f"Redis, not one ({RL_USER}'s)"
+                    )
                 rl, nolim = total_rate(loads, RSPAMD_RL), total_rate(loads, NO_LIMITS)
                 full = total_rate(loads, TLS_AUTH)
                 print(
