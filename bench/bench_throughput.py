@@ -635,6 +635,17 @@ def report(loads: list[Load], rounds: int, paths: list[Entry]) -> tuple[float, f
         f"   sending limits (587 full against 2588 no limits): {full / no_limits:.3f}, "
         f"a cost of {(1 - full / no_limits) * 100:.1f} % of accepted/s"
     )
+    limit_ratios = [
+        next(ld for ld in mine if ld.path == TLS_AUTH).rate
+        / next(ld for ld in mine if ld.path == NO_LIMITS).rate
+        for mine in (loads[r * per_round : (r + 1) * per_round] for r in range(rounds))
+    ]
+    if rounds > 1:
+        print(
+            "      per round: "
+            + ", ".join(f"{r:.2f}" for r in limit_ratios)
+            + f" (median {statistics.median(limit_ratios):.3f})"
+        )
     return full, bare_rate
 
 
