@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import resource
 import smtplib
 import socket
@@ -119,6 +120,25 @@ RSPAMD_RL_SERVICE = (
     .replace(f"{NO_LIMITS.port}", f"{RSPAMD_RL.port}")
     .replace("bench-nolimits", "bench-rspamdrl")
 )
+
+
+def settings_rule(name: str, user: str, symbols: list[str]) -> str:
+    """Shell that adds an rspamd settings rule (once): `user`'s messages run only `symbols`."""
+    return (
+        f"grep -q {name} /etc/rspamd/local.d/settings.conf ||\n"
+        "  cat >> /etc/rspamd/local.d/settings.conf <<'CONF'\n"
+        f'{name} {{\n  priority = 10;\n  user = "{user}";\n'
+        f"  apply {{\n    symbols_enabled = {json.dumps(symbols)};\n  }}\n}}\nCONF"
+    )
+
+
+RL_SYMBOLS = [
+    "SMTPGW_FROM_CHECK",
+    "DKIM_SIGNED",
+    "RATELIMIT_CHECK",
+    "RATELIMIT_UPDATE",
+    "RATELIMITED",
+]
 RSPAMD_RL_SETUP = f"""set -e
 ln -sfn /usr/share/rspamd/plugins/ratelimit.lua /etc/rspamd/smtpgw-plugins/ratelimit.lua
 pw=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["redis"]["password"])' \
@@ -134,32 +154,13 @@ rates {{
   }}
 }}
 CONF
-grep -q smtpgw_bench_ratelimit /etc/rspamd/local.d/settings.conf ||
-  cat >> /etc/rspamd/local.d/settings.conf <<'CONF'
-smtpgw_bench_ratelimit {{
-  priority = 10;
-  user = "{RL_USER}";
-  apply {{
-    symbols_enabled = ["SMTPGW_FROM_CHECK", "DKIM_SIGNED", "RATELIMIT_CHECK",
-                       "RATELIMIT_UPDATE", "RATELIMITED"];
-  }}
-}}
-CONF
+{settings_rule("smtpgw_bench_ratelimit", RL_USER, RL_SYMBOLS)}
 rspamadm configtest -q
 systemctl restart rspamd
 """
 # 2588's login: rspamd runs the sender check and DKIM for it, not the count (SMTPGW_LIMITS).
 NO_LIMITS_SETUP = f"""set -e
-grep -q smtpgw_bench_nolimits /etc/rspamd/local.d/settings.conf ||
-  cat >> /etc/rspamd/local.d/settings.conf <<'CONF'
-smtpgw_bench_nolimits {{
-  priority = 10;
-  user = "{NL_USER}";
-  apply {{
-    symbols_enabled = ["SMTPGW_FROM_CHECK", "DKIM_SIGNED"];
-  }}
-}}
-CONF
+{settings_rule("smtpgw_bench_nolimits", NL_USER, ["SMTPGW_FROM_CHECK", "DKIM_SIGNED"])}
 rspamadm configtest -q
 systemctl restart rspamd
 """
