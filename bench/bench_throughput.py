@@ -19,6 +19,8 @@ rounds that rotate the order, it sends the same number of 5 KB messages through 
   policy request at RCPT, answered without Redis while the tenant is far below its limits, and
   rspamd's run of the counter script in the relay's Redis) shows as the ratio of 587 to it; the
   bench checks that 587's messages, and only those, were counted in Redis;
+- `587 look only` (with `--split-limits`): 587 as 2588's login, so the policy service's look at
+  RCPT without rspamd's count: the two parts of the limits' cost apart;
 - `2589 rspamd rl` (with `--rspamd-ratelimit`): 2588 with rspamd's own `ratelimit` module in
   place of the policy service, counting the login in the relay's Redis (a leaky bucket the bench
   sets up for a second login of the bench tenant, which only this path uses), so that the two
@@ -90,6 +92,9 @@ RL_USER = "rl@bench.test"
 RSPAMD_RL = Entry("2589 rspamd rl", 2589, "starttls", True, RL_USER)
 PLAIN = Entry("25 plain", 25, "none", False)  # latency probe only (with the milter)
 IMPLICIT_AUTH = Entry("465 TLS+AUTH", 465, "implicit", True)  # latency probe only
+# 587 as 2588's login (--split-limits): the policy service's look at RCPT without rspamd's count,
+# so that the two parts of the limits' cost show apart.
+LOOK_ONLY = Entry("587 look only", 587, "starttls", True, NL_USER)
 LOAD_PATHS = [BARE, TLS_AUTH, NO_MILTER, NO_LIMITS]
 # The bench's own smtpd services (master.cf, added after the deployment): bare (no TLS, no SASL,
 # no milter), and 587's settings without the milter.
@@ -636,18 +641,34 @@ def report(loads: list[Load], rounds: int, paths: list[Entry]) -> tuple[float, f
         f"   sending limits (587 full against 2588 no limits): {full / no_limits:.3f}, "
         f"a cost of {(1 - full / no_limits) * 100:.1f} % of accepted/s"
     )
-    limit_ratios = [
-        next(ld for ld in mine if ld.path == TLS_AUTH).rate
-        / next(ld for ld in mine if ld.path == NO_LIMITS).rate
+    print_round_ratios(loads, rounds, TLS_AUTH, NO_LIMITS)
+    if LOOK_ONLY in paths:
+        look = total_rate(loads, LOOK_ONLY)
+        print(
+            f"   the look at RCPT alone (587 look only against 2588): {look / no_limits:.3f}; "
+            f"rspamd's count (587 full against 587 look only): {full / look:.3f}"
+        )
+        print_round_ratios(loads, rounds, LOOK_ONLY, NO_LIMITS, "look only / 2588")
+        print_round_ratios(loads, rounds, TLS_AUTH, LOOK_ONLY, "full / look only")
+    return full, bare_rate
+
+
+def print_round_ratios(
+    loads: list[Load], rounds: int, a: Entry, b: Entry, label: str = "per round"
+) -> None:
+    """Accepted/s of `a` over `b`, round by round, and their median."""
+    if rounds < 2:
+        return
+    per_round = len(loads) // rounds
+    ratios = [
+        next(ld for ld in mine if ld.path == a).rate / next(ld for ld in mine if ld.path == b).rate
         for mine in (loads[r * per_round : (r + 1) * per_round] for r in range(rounds))
     ]
-    if rounds > 1:
-        print(
-            "      per round: "
-            + ", ".join(f"{r:.2f}" for r in limit_ratios)
-            + f" (median {statistics.median(limit_ratios):.3f})"
-        )
-    return full, bare_rate
+    print(
+        f"      {label}: "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + f" (median {statistics.median(ratios):.3f})"
+    )
 
 
 def total_rate(loads: list[Load], path: Entry) -> float:
@@ -749,6 +770,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="a fifth path: rspamd's ratelimit module in place of the policy service",
     )
     p.add_argument(
+        "--split-limits",
+        action="store_true",
+        help="a path more: 587 with the look at RCPT but not rspamd's count",
+    )
+    p.add_argument(
         "--policy-clients", type=int, default=50, help="concurrent clients of the policy service"
     )
     p.add_argument(
@@ -783,6 +809,7 @@ def main(argv: list[str]) -> int:
 
             bl.section(f"The bench's own smtpd services on {RELAY.container} (for the bench only)")
             paths = LOAD_PATHS + ([RSPAMD_RL] if args.rspamd_ratelimit else [])
+            paths += [LOOK_ONLY] if args.split_limits else []
             services = BENCH_SERVICES + ((RSPAMD_RL_SERVICE,) if args.rspamd_ratelimit else ())
             for service in services:
                 bl.on("relay1", "postconf", "-M", "-e", service)
@@ -799,7 +826,9 @@ def main(argv: list[str]) -> int:
             sink_start()
             # One message each way.
             checks = [(BARE, 0), (NO_MILTER, 0), (TLS_AUTH, 2), (NO_LIMITS, 2)]
-            for path, signatures in checks + ([(RSPAMD_RL, 2)] if args.rspamd_ratelimit else []):
+            checks += [(RSPAMD_RL, 2)] if args.rspamd_ratelimit else []
+            checks += [(LOOK_ONLY, 2)] if args.split_limits else []
+            for path, signatures in checks:
                 sink_clear()
                 smtp = open_session(path, tls_context())
                 smtp.sendmail(SENDER, [RECIPIENT], message(args.size, "check"))
