@@ -34,7 +34,7 @@ limits file (the role reloads on change).
 
 Usage: ``policyd.py serve CONFIG`` (the service), ``policyd.py show CONFIG [TENANT] [--json]``.
 CONFIG (JSON, written by the role): ``socket``, ``limits_file``, ``redis`` {host, port,
-password}, ``on_redis_failure`` (fail_closed | fail_open), ``relay`` (this relay's name).
+password}, ``on_redis_failure`` (fail_closed | fail_open).
 The limits file (JSON, from smtpgw.relay_files): ``tenants`` {name: limits}, ``logins``
 {login: {tenant, limits}} (``limits`` only for a login with its own), ``networks`` [[cidr, name]].
 """
@@ -273,7 +273,6 @@ class Policy:
         )
         self.mode = config.get("on_redis_failure", "fail_closed")
         self.fail_open = self.mode == "fail_open"
-        self.relay = config.get("relay") or os.uname().nodename
         self.instances: dict[str, list[Any]] = {}  # instance -> [recipients, over text, time]
         # The last look, per counters of a message: [messages left, monotonic time].
         self.room: dict[tuple[str, ...], list[float]] = {}

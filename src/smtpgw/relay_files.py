@@ -122,6 +122,7 @@ def relay_files(
         )
     )
     rspamd = {"notify": "rspamd"}
+    limits = limits_document(tenants)  # the policy service's limits.json and rspamd's limits.map
     files += [
         _file(
             f"{where.rspamd_maps}/logins.map",
@@ -142,7 +143,7 @@ def relay_files(
             [f"{tenant['name']} {','.join(tenant['domains'])}" for tenant in tenants],
             **rspamd,
         ),
-        _file(f"{where.rspamd_maps}/limits.map", rspamd_limits_lines(tenants), **rspamd),
+        _file(f"{where.rspamd_maps}/limits.map", rspamd_limits_lines(limits), **rspamd),
         _file(
             f"{where.rspamd_local}/dkim_signing.conf",
             dkim_signing_lines(tenants, selectors or DEFAULT_SELECTORS, where, domain_selectors),
@@ -150,7 +151,7 @@ def relay_files(
             **rspamd,
         ),
     ]
-    files.append(_file(where.limits, limits_lines(tenants), notify="policy"))
+    files.append(_file(where.limits, limits_lines(limits), notify="policy"))
     return files
 
 
@@ -174,10 +175,9 @@ def limits_document(tenants: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return doc
 
 
-def rspamd_limits_lines(tenants: Iterable[Mapping[str, Any]]) -> list[str]:
-    """limits.map: the message limits of each counter that has one, as rspamd's count reads them
-    (the keys name the Redis counters the policy service looks at)."""
-    doc = limits_document(tenants)
+def rspamd_limits_lines(doc: Mapping[str, Any]) -> list[str]:
+    """limits.map, from ``limits_document``: the message limits of each counter that has one, as
+    rspamd's count reads them (the keys name the Redis counters the policy service looks at)."""
     subjects = [(f"tenant:{name}", lim) for name, lim in sorted(doc["tenants"].items())]
     subjects += [
         (f"login:{login.lower()}", entry["limits"])
@@ -192,9 +192,9 @@ def rspamd_limits_lines(tenants: Iterable[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def limits_lines(tenants: Iterable[Mapping[str, Any]]) -> list[str]:
-    """limits.json, one line per tenant, login and network (so a diff reads well)."""
-    doc = limits_document(tenants)
+def limits_lines(doc: Mapping[str, Any]) -> list[str]:
+    """limits.json, from ``limits_document``: one line per tenant, login and network (so a diff
+    reads well)."""
     lines = ["{", '"tenants": {']
     for part, closing in (("tenants", "},"), ("logins", "},")):
         items = sorted(doc[part].items())
