@@ -90,20 +90,23 @@ def test_the_service_answers_over_its_socket(tmp_path):
             f"sasl_username=\ninstance={instance}\nqueue_id=ABC\nrecipient=r@dest.test\n\n"
         ).encode()
 
-    async def run() -> list[str]:
-        socket = str(tmp_path / "policy.sock")
-        server = await asyncio.start_unix_server(policy.handle, path=socket)
+    async def run() -> bytes:
+        path = str(tmp_path / "policy.sock")
+        server = await asyncio.get_running_loop().create_unix_server(
+            lambda: policyd.Connection(policy), path=path
+        )
         async with server:
-            reader, writer = await asyncio.open_unix_connection(socket)
+            reader, writer = await asyncio.open_unix_connection(path)
             writer.write(request("RCPT", "m1") + request("RCPT", "m1"))
             writer.write(request("RCPT", "m1"))
             writer.write(request("END-OF-MESSAGE", "m1"))
             await writer.drain()
-            replies = [(await reader.readuntil(b"\n\n")).decode().strip() for _ in range(4)]
+            received = b"".join([await reader.readuntil(b"\n\n") for _ in range(4)])
             writer.close()
-            return replies
+            return received
 
-    assert asyncio.run(run()) == [
+    received = asyncio.run(asyncio.wait_for(run(), 10))
+    assert received.decode().split("\n\n")[:4] == [
         "action=DUNNO",
         "action=DUNNO",
         "action=550 5.5.3 tenant gamma: at most 2 recipients per message",
@@ -114,7 +117,6 @@ def test_the_service_answers_over_its_socket(tmp_path):
 def test_a_message_is_forgotten_ten_minutes_after_its_last_rcpt(tmp_path):
     """Postfix says nothing when a message ends (the count at the end of DATA is rspamd's), so
     the service forgets a message INSTANCE_TTL after its last RCPT, oldest first."""
-    import asyncio
     import json
 
     limits_file = tmp_path / "limits.json"
@@ -122,11 +124,8 @@ def test_a_message_is_forgotten_ten_minutes_after_its_last_rcpt(tmp_path):
     policy = policyd.Policy({"limits_file": str(limits_file), "redis": {"port": 1}})
     rcpt = {"protocol_state": "RCPT", "client_address": "192.0.2.200"}
 
-    async def run() -> None:
-        for instance in ("m1", "m2", "m1"):  # m1's second RCPT makes m2 the oldest
-            assert await policy.decide({**rcpt, "instance": instance}) == "DUNNO"
-
-    asyncio.run(run())
+    for instance in ("m1", "m2", "m1"):  # m1's second RCPT makes m2 the oldest
+        assert policy.answer({**rcpt, "instance": instance}) == "DUNNO"  # at once, no Redis
     assert list(policy.instances) == ["m2", "m1"]
     assert [entry[0] for entry in policy.instances.values()] == [1, 2]  # recipients of each
     policy.instances["m2"][2], policy.instances["m1"][2] = 100.0, 200.0  # last RCPTs' times
@@ -136,6 +135,68 @@ def test_a_message_is_forgotten_ten_minutes_after_its_last_rcpt(tmp_path):
     assert list(policy.instances) == ["m1"]
     policy._purge(200.0 + policyd.INSTANCE_TTL + 0.5)
     assert policy.instances == {}
+
+
+def test_redis_unreachable_defers_or_passes_as_chosen(tmp_path):
+    """A tenant with message limits whose look must ask Redis: with Redis unreachable, 451 4.3.0
+    (fail_closed) or DUNNO (fail_open), and the message is not kept."""
+    import asyncio
+    import json
+
+    limits_file = tmp_path / "limits.json"
+    limits_file.write_text(json.dumps(limits_document(TENANTS)))
+    rcpt = {"protocol_state": "RCPT", "sasl_username": "", "client_address": "192.0.2.5"}
+    for mode, action in (
+        ("fail_closed", "451 4.3.0 sending limits unavailable; try again later"),
+        ("fail_open", "DUNNO"),
+    ):
+        config = {"limits_file": str(limits_file), "redis": {"port": 1}, "on_redis_failure": mode}
+        policy = policyd.Policy(config)
+        assert policy.limits.counters(*policy.limits.tenant_of("", "192.0.2.5"))
+        assert asyncio.run(policy.decide({**rcpt, "instance": "m1"})) == action
+        assert policy.instances == {}
+        assert policy.failures == 0 and policy.down_since is not None  # reported once
+
+
+def test_answers_keep_their_order_when_one_waits_for_redis(tmp_path):
+    """Three requests in one write: the first must ask Redis (unreachable here: 451 from a task),
+    the two behind it could be answered at once; they are answered after it, in order."""
+    import asyncio
+    import json
+
+    limits_file = tmp_path / "limits.json"
+    limits_file.write_text(json.dumps(limits_document(TENANTS)))
+    policy = policyd.Policy({"limits_file": str(limits_file), "redis": {"port": 1}})
+
+    def request(address: str, instance: str) -> bytes:
+        return (
+            f"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={address}\n"
+            f"sasl_username=\ninstance={instance}\n\n"
+        ).encode()
+
+    async def run() -> bytes:
+        path = str(tmp_path / "policy.sock")
+        server = await asyncio.get_running_loop().create_unix_server(
+            lambda: policyd.Connection(policy), path=path
+        )
+        async with server:
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(
+                request("192.0.2.5", "a1")
+                + request("192.0.2.200", "b1")
+                + request("192.0.2.200", "b2")
+            )
+            received = b"".join([await reader.readuntil(b"\n\n") for _ in range(3)])
+            writer.close()
+            return received
+
+    received = asyncio.run(asyncio.wait_for(run(), 10))
+    assert received.decode().split("\n\n")[:3] == [
+        "action=451 4.3.0 sending limits unavailable; try again later",
+        "action=DUNNO",
+        "action=DUNNO",
+    ]
+    assert list(policy.instances) == ["b1", "b2"]
 
 
 def test_the_counter_script_is_the_file_rspamd_runs_too():

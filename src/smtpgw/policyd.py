@@ -50,6 +50,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,8 @@ INSTANCE_TTL = 600.0
 # The RCPT look rests on the last count seen when it is this fresh and left more than this.
 ROOM_SECONDS = 10.0
 ROOM_MARGIN = 50
+# A request larger than this closes the connection (Postfix's are well under 2 KB).
+MAX_REQUEST = 1 << 20
 
 # The counter script (src/smtpgw/limits_count.lua, installed beside this file): rspamd counts
 # each message with it at the end of DATA; this service runs it to look (commit 0) at RCPT.
@@ -322,7 +325,8 @@ class Policy:
                 break
             del self.instances[oldest]
 
-    async def decide(self, attrs: dict[str, str]) -> str:
+    def answer(self, attrs: dict[str, str]) -> str | Coroutine[Any, Any, str]:
+        """The action for a request: at once, or (when it must ask Redis) a coroutine."""
         if attrs.get("protocol_state", "").upper() != "RCPT":
             return "DUNNO"
         whose = self.limits.tenant_of(
@@ -331,36 +335,55 @@ class Policy:
         if whose is None:
             return "DUNNO"
         tenant, login = whose
-        return await self._rcpt(tenant, login, attrs.get("instance", ""))
-
-    async def _rcpt(self, tenant: str, login: str | None, instance: str) -> str:
+        instance = attrs.get("instance", "")
         now = time.monotonic()
         entry = self.instances.pop(instance, None)
         if entry is not None:
             entry[2] = now
             self.instances[instance] = entry  # to the end: the most recent RCPT
+            return self._recipient(tenant, login, entry)
+        self._purge(now)
+        entry = self.instances[instance] = [0, None, now]
+        counters = self.limits.counters(tenant, login)
+        if not counters:
+            return self._recipient(tenant, login, entry)
+        keys = tuple(c[0] for c in counters)
+        room = self.room.get(keys)
+        if room and room[0] > ROOM_MARGIN and now - room[1] < ROOM_SECONDS:
+            room[0] -= 1  # far below the limits: this message, counted at the end of DATA
+            return self._recipient(tenant, login, entry)
+        return self._look(tenant, login, instance, entry, counters, keys)
+
+    async def decide(self, attrs: dict[str, str]) -> str:
+        action = self.answer(attrs)
+        return action if isinstance(action, str) else await action
+
+    async def _look(
+        self,
+        tenant: str,
+        login: str | None,
+        instance: str,
+        entry: list[Any],
+        counters: list[tuple[str, str, dict[str, Any]]],
+        keys: tuple[str, ...],
+    ) -> str:
+        """The first RCPT of a message whose counters must be read in Redis."""
+        try:
+            reply = await self.redis.count(list(keys), ["", 0, *_argv(counters)])
+        except RedisError as exc:
+            self.instances.pop(instance, None)
+            self.room.pop(keys, None)
+            return self._redis_failed(exc)
+        self._redis_ok()
+        if int(reply[0]):
+            entry[1] = over_text(counters, reply)
+            self.room.pop(keys, None)
         else:
-            self._purge(now)
-            entry = self.instances[instance] = [0, None, now]
-            counters = self.limits.counters(tenant, login)
-            keys = tuple(c[0] for c in counters)
-            room = self.room.get(keys)
-            if room and room[0] > ROOM_MARGIN and time.monotonic() - room[1] < ROOM_SECONDS:
-                room[0] -= 1  # far below the limits: this message, counted at the end of DATA
-            elif counters:
-                try:
-                    reply = await self.redis.count(list(keys), ["", 0, *_argv(counters)])
-                except RedisError as exc:
-                    self.instances.pop(instance, None)
-                    self.room.pop(keys, None)
-                    return self._redis_failed(exc)
-                self._redis_ok()
-                if int(reply[0]):
-                    entry[1] = over_text(counters, reply)
-                    self.room.pop(keys, None)
-                else:
-                    # What Redis counted, less this message (rspamd counts it at the end of DATA).
-                    self.room[keys] = [int(reply[1]) - 1, time.monotonic()]
+            # What Redis counted, less this message (rspamd counts it at the end of DATA).
+            self.room[keys] = [int(reply[1]) - 1, time.monotonic()]
+        return self._recipient(tenant, login, entry)
+
+    def _recipient(self, tenant: str, login: str | None, entry: list[Any]) -> str:
         if entry[1]:
             return entry[1]
         most = self.limits.effective(tenant, login).get("recipients_per_message")
@@ -369,30 +392,72 @@ class Policy:
         entry[0] += 1
         return "DUNNO"
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+def parse(request: bytes) -> dict[str, str]:
+    """A request's name=value lines."""
+    attrs: dict[str, str] = {}
+    for line in request.decode("utf-8", "replace").split("\n"):
+        key, sep, value = line.partition("=")
+        if sep:
+            attrs[key] = value
+    return attrs
+
+
+class Connection(asyncio.Protocol):
+    """One connection from Postfix (an smtpd process): requests (name=value lines, then an
+    empty line) answered in order. Nearly every request is answered in the callback that read
+    it: no task and no stream, which measured on a relay were most of a request's cost. One that
+    must ask Redis is answered by a task, and the requests behind it wait for it."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.buffer = b""
+        self.busy = False  # a request waits for Redis
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > MAX_REQUEST:
+            log(f"a request over {MAX_REQUEST} bytes; connection closed")
+            self.transport.close()
+        elif not self.busy:
+            self._answer()
+
+    def _answer(self) -> None:
+        replies = []
+        while (end := self.buffer.find(b"\n\n")) >= 0:
+            attrs = parse(self.buffer[: end + 1])
+            self.buffer = self.buffer[end + 2 :]
+            try:
+                action = self.policy.answer(attrs)
+            except Exception as exc:  # a bug must not stall Postfix: defer, and say why
+                action = failed(attrs, exc)
+            if not isinstance(action, str):
+                self.busy = True
+                asyncio.get_running_loop().create_task(self._later(attrs, action))
+                break
+            replies.append(b"action=%s\n\n" % action.encode())
+        if replies and not self.transport.is_closing():
+            self.transport.write(b"".join(replies))
+
+    async def _later(self, attrs: dict[str, str], pending: Coroutine[Any, Any, str]) -> None:
         try:
-            while True:
-                # A request: name=value lines, then an empty line (one read, not one a line).
-                try:
-                    request = await reader.readuntil(b"\n\n")
-                except asyncio.IncompleteReadError:
-                    break
-                attrs: dict[str, str] = {}
-                for line in request.decode("utf-8", "replace").splitlines():
-                    key, sep, value = line.partition("=")
-                    if sep:
-                        attrs[key] = value
-                try:
-                    action = await self.decide(attrs)
-                except Exception as exc:  # a bug must not stall Postfix: defer, and say why
-                    log(f"error on {attrs.get('queue_id') or attrs.get('instance')}: {exc!r}")
-                    action = "451 4.3.0 sending limits unavailable; try again later"
-                writer.write(f"action={action}\n\n".encode())
-                await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
+            action = await pending
+        except Exception as exc:
+            action = failed(attrs, exc)
+        self.busy = False
+        if not self.transport.is_closing():
+            self.transport.write(b"action=%s\n\n" % action.encode())
+            self._answer()
+
+
+def failed(attrs: dict[str, str], exc: Exception) -> str:
+    log(f"error on {attrs.get('queue_id') or attrs.get('instance')}: {exc!r}")
+    return "451 4.3.0 sending limits unavailable; try again later"
 
 
 async def serve(config: dict[str, Any]) -> None:
@@ -402,7 +467,9 @@ async def serve(config: dict[str, Any]) -> None:
         os.unlink(path)
     old = os.umask(0o117)
     try:
-        server = await asyncio.start_unix_server(policy.handle, path=path, limit=1 << 20)
+        server = await asyncio.get_running_loop().create_unix_server(
+            lambda: Connection(policy), path=path, backlog=512
+        )
     finally:
         os.umask(old)
     loop = asyncio.get_running_loop()
