@@ -13,12 +13,13 @@ rounds that rotate the order, it sends the same number of 5 KB messages through 
   the client is on the tenant's network;
 - `2587 no milter`: 587's settings (STARTTLS, AUTH) without rspamd, also added by the bench, so
   the cost of TLS and AUTH and the cost of rspamd show apart;
-- `2588 no limits`: 587 exactly (TLS, AUTH, rspamd) without the sending limits: no policy
-  service at RCPT, and a login of the bench tenant for which an rspamd settings rule the bench
-  adds leaves out the count at the end of DATA (`SMTPGW_LIMITS`), so the cost of the limits (a
-  policy request at RCPT, answered without Redis while the tenant is far below its limits, and
-  rspamd's run of the counter script in the relay's Redis) shows as the ratio of 587 to it; the
-  bench checks that 587's messages, and only those, were counted in Redis;
+- `2588 no limits`: 587 exactly (its master.cf line read back from the relay: TLS, AUTH, rspamd,
+  syslog name) without the sending limits: no policy service at RCPT, and a login of the bench
+  tenant for which an rspamd settings rule the bench adds leaves out the count at the end of DATA
+  (`SMTPGW_LIMITS`), so the cost of the limits (a policy request at RCPT, answered without Redis
+  while the tenant is far below its limits, and rspamd's run of the counter script in the
+  relay's Redis) shows as the ratio of 587 to it; the bench checks that 587's messages, and only
+  those, were counted in Redis;
 - `587 look only` (with `--split-limits`): 587 as 2588's login, so the policy service's look at
   RCPT without rspamd's count: the two parts of the limits' cost apart;
 - `2589 rspamd rl` (with `--rspamd-ratelimit`): 2588 with rspamd's own `ratelimit` module in
@@ -106,25 +107,24 @@ BENCH_SERVICES = (
     "-o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes -o smtpd_milters= "
     "-o smtpd_sender_restrictions="
     "reject_non_fqdn_sender,reject_authenticated_sender_login_mismatch",
-    f"{NO_LIMITS.port}/inet={NO_LIMITS.port} inet n - y - - smtpd "
-    "-o syslog_name=postfix/bench-nolimits -o smtpd_tls_security_level=encrypt "
-    "-o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes "
-    "-o smtpd_sender_restrictions="
-    "reject_non_fqdn_sender,reject_authenticated_sender_login_mismatch "
-    "-o smtpd_recipient_restrictions=reject_non_fqdn_recipient "
-    "-o smtpd_end_of_data_restrictions= "
-    "-o smtpd_milters=unix:/rspamd/milter.sock -o milter_default_action=tempfail "
-    "-o milter_protocol=6",
 )
-# --rspamd-ratelimit: 2588's service on 2589, and rspamd's ratelimit module for the bench: the
-# plugin linked beside the relay's two, RL_USER's messages counted in the relay's Redis (a leaky
-# bucket far above what a run sends), and a settings rule that runs its symbols for RL_USER only
-# (the relay's own rule runs only the From check and DKIM for everyone else).
-RSPAMD_RL_SERVICE = (
-    BENCH_SERVICES[-1]
-    .replace(f"{NO_LIMITS.port}", f"{RSPAMD_RL.port}")
-    .replace("bench-nolimits", "bench-rspamdrl")
-)
+
+
+def copy_of_587(port: int) -> str:
+    """A service on `port` that is the relay's 587 as deployed (its master.cf line, read back:
+    the same TLS, AUTH, milter and syslog name, so that its log lines cost what 587's do) without
+    the policy service at RCPT (main.cf's recipient restrictions less check_policy_service)."""
+    line = bl.on("relay1", "postconf", "-M", "587/inet").split()
+    if line[:2] != ["587", "inet"] or line[7] != "smtpd":
+        raise bl.BenchError(f"unexpected master.cf line for 587: {' '.join(line)}")
+    no_policy = ["-o", "smtpd_recipient_restrictions=reject_non_fqdn_recipient"]
+    return " ".join([f"{port}/inet={port}", "inet", *line[2:7], "smtpd", *line[8:], *no_policy])
+
+
+# --rspamd-ratelimit: a copy of 587 on 2589 like 2588's, and rspamd's ratelimit module for the
+# bench: the plugin linked beside the relay's two, RL_USER's messages counted in the relay's
+# Redis (a leaky bucket far above what a run sends), and a settings rule that runs its symbols
+# for RL_USER only (the relay's own rule runs only the From check and DKIM for everyone else).
 
 
 def settings_rule(name: str, user: str, symbols: list[str]) -> str:
@@ -809,7 +809,8 @@ def main(argv: list[str]) -> int:
             bl.section(f"The bench's own smtpd services on {RELAY.container} (for the bench only)")
             paths = LOAD_PATHS + ([RSPAMD_RL] if args.rspamd_ratelimit else [])
             paths += [LOOK_ONLY] if args.split_limits else []
-            services = BENCH_SERVICES + ((RSPAMD_RL_SERVICE,) if args.rspamd_ratelimit else ())
+            services = (*BENCH_SERVICES, copy_of_587(NO_LIMITS.port))
+            services += (copy_of_587(RSPAMD_RL.port),) if args.rspamd_ratelimit else ()
             for service in services:
                 bl.on("relay1", "postconf", "-M", "-e", service)
                 bl.log(service)
