@@ -30,6 +30,35 @@ def limits() -> policyd.Limits:
     return policyd.Limits(limits_document(TENANTS))
 
 
+def request(address: str, instance: str, state: str = "RCPT") -> bytes:
+    """A policy request as Postfix sends it (the attributes the service reads, and some more)."""
+    return (
+        f"request=smtpd_access_policy\nprotocol_state={state}\nclient_address={address}\n"
+        f"sasl_username=\ninstance={instance}\nqueue_id=ABC\nrecipient=r@dest.test\n\n"
+    ).encode()
+
+
+def talk(policy: policyd.Policy, socket: str, writes: list[bytes], count: int) -> list[str]:
+    """The service on a unix socket at `socket`: `writes` sent in turn, its first `count`
+    replies (the action of each)."""
+    import asyncio
+
+    async def run() -> list[str]:
+        server = await asyncio.get_running_loop().create_unix_server(
+            lambda: policyd.Connection(policy), path=socket
+        )
+        async with server:
+            reader, writer = await asyncio.open_unix_connection(socket)
+            for data in writes:
+                writer.write(data)
+            await writer.drain()
+            replies = [(await reader.readuntil(b"\n\n")).decode() for _ in range(count)]
+            writer.close()
+            return [r.removeprefix("action=").strip() for r in replies]
+
+    return asyncio.run(asyncio.wait_for(run(), 10))
+
+
 def test_wait_text_rounds_up_to_the_minute():
     assert policyd.wait_text(1) == "1m"
     assert policyd.wait_text(60_000) == "1m"
@@ -69,7 +98,6 @@ def test_the_service_answers_over_its_socket(tmp_path):
     """Requests over the service's unix socket, as Postfix sends them (two in one write too):
     a tenant with no message limits is answered without Redis, its recipients counted; any
     state but RCPT is passed (the count at the end of DATA is rspamd's)."""
-    import asyncio
     import json
 
     tenant = {
@@ -84,33 +112,13 @@ def test_the_service_answers_over_its_socket(tmp_path):
     config = {"limits_file": str(limits_file), "redis": {"host": "127.0.0.1", "port": 1}}
     policy = policyd.Policy(config)
 
-    def request(state: str, instance: str) -> bytes:
-        return (
-            f"request=smtpd_access_policy\nprotocol_state={state}\nclient_address=192.0.2.70\n"
-            f"sasl_username=\ninstance={instance}\nqueue_id=ABC\nrecipient=r@dest.test\n\n"
-        ).encode()
-
-    async def run() -> bytes:
-        path = str(tmp_path / "policy.sock")
-        server = await asyncio.get_running_loop().create_unix_server(
-            lambda: policyd.Connection(policy), path=path
-        )
-        async with server:
-            reader, writer = await asyncio.open_unix_connection(path)
-            writer.write(request("RCPT", "m1") + request("RCPT", "m1"))
-            writer.write(request("RCPT", "m1"))
-            writer.write(request("END-OF-MESSAGE", "m1"))
-            await writer.drain()
-            received = b"".join([await reader.readuntil(b"\n\n") for _ in range(4)])
-            writer.close()
-            return received
-
-    received = asyncio.run(asyncio.wait_for(run(), 10))
-    assert received.decode().split("\n\n")[:4] == [
-        "action=DUNNO",
-        "action=DUNNO",
-        "action=550 5.5.3 tenant gamma: at most 2 recipients per message",
-        "action=DUNNO",
+    rcpt = request("192.0.2.70", "m1")
+    writes = [rcpt + rcpt, rcpt, request("192.0.2.70", "m1", "END-OF-MESSAGE")]
+    assert talk(policy, str(tmp_path / "policy.sock"), writes, 4) == [
+        "DUNNO",
+        "DUNNO",
+        "550 5.5.3 tenant gamma: at most 2 recipients per message",
+        "DUNNO",
     ]
 
 
@@ -161,40 +169,19 @@ def test_redis_unreachable_defers_or_passes_as_chosen(tmp_path):
 def test_answers_keep_their_order_when_one_waits_for_redis(tmp_path):
     """Three requests in one write: the first must ask Redis (unreachable here: 451 from a task),
     the two behind it could be answered at once; they are answered after it, in order."""
-    import asyncio
     import json
 
     limits_file = tmp_path / "limits.json"
     limits_file.write_text(json.dumps(limits_document(TENANTS)))
     policy = policyd.Policy({"limits_file": str(limits_file), "redis": {"port": 1}})
 
-    def request(address: str, instance: str) -> bytes:
-        return (
-            f"request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address={address}\n"
-            f"sasl_username=\ninstance={instance}\n\n"
-        ).encode()
-
-    async def run() -> bytes:
-        path = str(tmp_path / "policy.sock")
-        server = await asyncio.get_running_loop().create_unix_server(
-            lambda: policyd.Connection(policy), path=path
-        )
-        async with server:
-            reader, writer = await asyncio.open_unix_connection(path)
-            writer.write(
-                request("192.0.2.5", "a1")
-                + request("192.0.2.200", "b1")
-                + request("192.0.2.200", "b2")
-            )
-            received = b"".join([await reader.readuntil(b"\n\n") for _ in range(3)])
-            writer.close()
-            return received
-
-    received = asyncio.run(asyncio.wait_for(run(), 10))
-    assert received.decode().split("\n\n")[:3] == [
-        "action=451 4.3.0 sending limits unavailable; try again later",
-        "action=DUNNO",
-        "action=DUNNO",
+    writes = [
+        request("192.0.2.5", "a1") + request("192.0.2.200", "b1") + request("192.0.2.200", "b2")
+    ]
+    assert talk(policy, str(tmp_path / "policy.sock"), writes, 3) == [
+        "451 4.3.0 sending limits unavailable; try again later",
+        "DUNNO",
+        "DUNNO",
     ]
     assert list(policy.instances) == ["b1", "b2"]
 
