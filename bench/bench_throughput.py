@@ -9,8 +9,8 @@ rounds that rotate the order, it sends the same number of 5 KB messages through 
 - `587 full`: STARTTLS (the client's default, TLS 1.3), a login, and rspamd as milter (the
   header-From check and two DKIM signatures, RSA-2048 and Ed25519), as applications send;
 - `2525 bare`: a Postfix smtpd service the bench adds to the relay's master.cf after the
-  deployment (`postconf -M`, for the bench only): no TLS, no login, no milter, relayed because
-  the client is on the tenant's network;
+  deployment (`postconf -M`, for the bench only): no TLS, no login, no milter, no policy
+  service, relayed because the client is on the tenant's network;
 - `2587 no milter`: 587's settings (STARTTLS, AUTH) without rspamd, also added by the bench, so
   the cost of TLS and AUTH and the cost of rspamd show apart;
 - `2588 no limits`: 587 exactly (its master.cf line read back from the relay: TLS, AUTH, rspamd,
@@ -32,7 +32,8 @@ MX lookup, to the sink). Each path: `--sessions` parallel sessions, each session
 `--per-session` messages then quits and a new one starts, until `--messages` were sent or the time
 limit passed. Reported per path: accepted messages/s (until the last one was accepted), end to end
 messages/s (until the sink had them all), CPU per message of the relay container (and of its
-rspamd processes), the sink and this client; and the ratio of each path to the bare one. Before
+rspamd, policy service and Redis processes), the sink and this client; and the ratio of each
+path to the bare one. Before
 the load, sequential sessions measure where the set-up time of a session goes (25 with the
 milter; 587 and 465, each with TLS 1.3 and 1.2), and count the stalls.
 
@@ -101,7 +102,8 @@ LOAD_PATHS = [BARE, TLS_AUTH, NO_MILTER, NO_LIMITS]
 # no milter), and 587's settings without the milter.
 BENCH_SERVICES = (
     f"{BARE.port}/inet={BARE.port} inet n - y - - smtpd -o syslog_name=postfix/bench-bare "
-    "-o smtpd_milters= -o smtpd_tls_security_level=none -o smtpd_sasl_auth_enable=no",
+    "-o smtpd_milters= -o smtpd_tls_security_level=none -o smtpd_sasl_auth_enable=no "
+    "-o smtpd_recipient_restrictions=reject_non_fqdn_recipient",
     f"{NO_MILTER.port}/inet={NO_MILTER.port} inet n - y - - smtpd "
     "-o syslog_name=postfix/bench-nomilter -o smtpd_tls_security_level=encrypt "
     "-o smtpd_sasl_auth_enable=yes -o smtpd_tls_auth_only=yes -o smtpd_milters= "
@@ -238,7 +240,8 @@ class Load:
     delivered: int = 0
     time_bounded: bool = False
     relay_cpu: float | None = None  # seconds, send + drain
-    rspamd_cpu: float = 0.0
+    # CPU seconds of the relay's long-running services the limits involve (PARTS), send + drain.
+    parts: dict[str, float] = field(default_factory=dict)
     sink_cpu: float | None = None
     client_cpu: float = 0.0
     setup: list[float] = field(default_factory=list)  # session set-up times (s)
@@ -410,14 +413,44 @@ def cpu_seconds(container: str) -> float | None:
     return None
 
 
-def rspamd_cpu() -> float:
-    """CPU seconds used so far by the relay's rspamd processes (utime + stime, /proc)."""
-    out = bl.on("relay1", "sh", "-c", "for p in $(pgrep -x rspamd); do cat /proc/$p/stat; done")
-    ticks = 0
+# The relay's services whose CPU the bench reports apart (their processes live through a load).
+PARTS = ("rspamd", "policy", "redis")
+PROCS = r"""for p in /proc/[0-9]*; do
+  s=$(cat $p/stat 2>/dev/null) || continue
+  a=$(tr '\0\n ' '___' <$p/cmdline 2>/dev/null | cut -c1-80)
+  echo "${p#/proc/} ${a:--} $s"
+done"""
+
+
+def parts_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds used so far (utime + stime, /proc) by each process of PARTS on the relay."""
+    out = bl.on("relay1", "sh", "-c", PROCS)
+    procs = {}
     for line in out.splitlines():
-        rest = line.rsplit(")", 1)[-1].split()
-        ticks += int(rest[11]) + int(rest[12])
-    return ticks / 100.0  # USER_HZ
+        pid, cmd, stat = line.split(" ", 2)
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        rest = stat.rsplit(")", 1)[-1].split()
+        part = (
+            "rspamd"
+            if comm == "rspamd"
+            else "redis"
+            if comm == "redis-server"
+            else "policy"
+            if "smtpgw/policyd.py" in cmd
+            else None
+        )
+        if part:
+            procs[int(pid)] = (part, (int(rest[11]) + int(rest[12])) / 100.0)  # USER_HZ
+    return procs
+
+
+def parts_used(before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds of each of PARTS since `before` (a process started since counts whole)."""
+    used = dict.fromkeys(PARTS, 0.0)
+    for pid, (part, cpu) in parts_cpu().items():
+        old = before.get(pid)
+        used[part] += cpu - (old[1] if old and old[0] == part else 0.0)
+    return used
 
 
 def client_cpu() -> float:
@@ -453,14 +486,14 @@ def run_load(path: Entry, args: argparse.Namespace) -> Load:
     sink_clear()
     load = Load(path, args.messages)
     relay0, sink0, client0 = cpu_seconds(RELAY.container), cpu_seconds(MX.container), client_cpu()
-    rspamd0 = rspamd_cpu()
+    parts0 = parts_cpu()
     sender = Sender(load, args.sessions, args.per_session, args.size, args.time_limit)
     sender.run()
     load.delivered, reached = wait_delivered(load.accepted, timeout=120)
     load.drained = reached - sender.started
     relay1, sink1 = cpu_seconds(RELAY.container), cpu_seconds(MX.container)
     load.client_cpu = client_cpu() - client0
-    load.rspamd_cpu = rspamd_cpu() - rspamd0
+    load.parts = parts_used(parts0)
     if relay0 is not None and relay1 is not None:
         load.relay_cpu = relay1 - relay0
     if sink0 is not None and sink1 is not None:
@@ -582,12 +615,13 @@ def per_msg_ms(cpu: float | None, n: int) -> float | None:
 def report(loads: list[Load], rounds: int, paths: list[Entry]) -> tuple[float, float]:
     head = (
         f"{'round':>5}  {'path':<13} {'msgs':>5} {'sess':>4} {'secs':>6} {'accepted/s':>10} "
-        f"{'e2e/s':>7} {'relay CPU':>9} {'rspamd':>7} {'sink CPU':>8} {'client CPU':>10}"
+        f"{'e2e/s':>7} {'relay CPU':>9} {'rspamd':>7} {'policy':>7} {'redis':>7} "
+        f"{'sink CPU':>8} {'client CPU':>10}"
     )
     print(head)
     print(
         f"{'':>5}  {'':<13} {'':>5} {'':>4} {'':>6} {'':>10} {'':>7} {'ms/msg':>9} "
-        f"{'ms/msg':>7} {'ms/msg':>8} {'ms/msg':>10}"
+        f"{'ms/msg':>7} {'ms/msg':>7} {'ms/msg':>7} {'ms/msg':>8} {'ms/msg':>10}"
     )
     per_round = len(loads) // rounds
     for i, ld in enumerate(loads):
@@ -595,8 +629,10 @@ def report(loads: list[Load], rounds: int, paths: list[Entry]) -> tuple[float, f
             f"{i // per_round + 1:>5}  {ld.path.label:<13} {ld.accepted:>5} {ld.sessions:>4} "
             f"{ld.seconds:>6.1f} {ld.rate:>10.1f} {ld.e2e_rate:>7.1f} "
             f"{fmt(per_msg_ms(ld.relay_cpu, ld.accepted), '9.2f'):>9} "
-            f"{fmt(per_msg_ms(ld.rspamd_cpu, ld.accepted), '7.2f'):>7} "
-            f"{fmt(per_msg_ms(ld.sink_cpu, ld.accepted), '8.2f'):>8} "
+            + "".join(
+                f"{fmt(per_msg_ms(ld.parts.get(part), ld.accepted), '7.2f'):>7} " for part in PARTS
+            )
+            + f"{fmt(per_msg_ms(ld.sink_cpu, ld.accepted), '8.2f'):>8} "
             f"{per_msg_ms(ld.client_cpu, ld.accepted) or 0:>10.2f}"
             + ("  (time limit reached)" if ld.time_bounded else "")
         )
@@ -642,6 +678,7 @@ def report(loads: list[Load], rounds: int, paths: list[Entry]) -> tuple[float, f
         f"a cost of {(1 - full / no_limits) * 100:.1f} % of accepted/s"
     )
     print_round_ratios(loads, rounds, TLS_AUTH, NO_LIMITS)
+    print_cpu_by_part(loads, [NO_LIMITS, *([LOOK_ONLY] if LOOK_ONLY in paths else []), TLS_AUTH])
     if LOOK_ONLY in paths:
         look = total_rate(loads, LOOK_ONLY)
         print(
@@ -651,6 +688,36 @@ def report(loads: list[Load], rounds: int, paths: list[Entry]) -> tuple[float, f
         print_round_ratios(loads, rounds, LOOK_ONLY, NO_LIMITS, "look only / 2588")
         print_round_ratios(loads, rounds, TLS_AUTH, LOOK_ONLY, "full / look only")
     return full, bare_rate
+
+
+def print_cpu_by_part(loads: list[Load], paths: list[Entry]) -> None:
+    """Relay CPU a message over all rounds, whole and by part, of `paths`, and what each path
+    adds to the one before it (less noisy than accepted/s: CPU is what the limits cost here)."""
+    rows = []
+    for path in paths:
+        mine = [ld for ld in loads if ld.path == path]
+        n = sum(ld.accepted for ld in mine)
+        if None in (ld.relay_cpu for ld in mine):
+            return
+        row = {"relay": sum(ld.relay_cpu or 0.0 for ld in mine) / n * 1000}
+        row |= {part: sum(ld.parts.get(part, 0.0) for ld in mine) / n * 1000 for part in PARTS}
+        rows.append((path, row))
+    print(
+        "   relay CPU a message, all rounds (ms): "
+        + "; ".join(
+            f"{path.label} {row['relay']:.2f} ("
+            + ", ".join(f"{part} {row[part]:.3f}" for part in PARTS)
+            + ")"
+            for path, row in rows
+        )
+    )
+    for (prev, a), (path, b) in itertools.pairwise(rows):
+        print(
+            f"      {path.label} less {prev.label}: {b['relay'] - a['relay']:+.2f} ms "
+            f"({(b['relay'] / a['relay'] - 1) * 100:+.1f} %; "
+            + ", ".join(f"{part} {b[part] - a[part]:+.3f}" for part in PARTS)
+            + ")"
+        )
 
 
 def print_round_ratios(
