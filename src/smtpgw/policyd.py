@@ -412,7 +412,8 @@ class Connection(asyncio.Protocol):
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.buffer = b""
-        self.busy = False  # a request waits for Redis
+        # The task answering a request that waits for Redis (kept: the loop holds tasks weakly).
+        self.waiting: asyncio.Task[None] | None = None
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -424,7 +425,7 @@ class Connection(asyncio.Protocol):
         if len(self.buffer) > MAX_REQUEST:
             log(f"a request over {MAX_REQUEST} bytes; connection closed")
             self.transport.close()
-        elif not self.busy:
+        elif self.waiting is None:
             self._answer()
 
     def _answer(self) -> None:
@@ -437,8 +438,7 @@ class Connection(asyncio.Protocol):
             except Exception as exc:  # a bug must not stall Postfix: defer, and say why
                 action = failed(attrs, exc)
             if not isinstance(action, str):
-                self.busy = True
-                asyncio.get_running_loop().create_task(self._later(attrs, action))
+                self.waiting = asyncio.get_running_loop().create_task(self._later(attrs, action))
                 break
             replies.append(b"action=%s\n\n" % action.encode())
         if replies and not self.transport.is_closing():
@@ -449,7 +449,7 @@ class Connection(asyncio.Protocol):
             action = await pending
         except Exception as exc:
             action = failed(attrs, exc)
-        self.busy = False
+        self.waiting = None
         if not self.transport.is_closing():
             self.transport.write(b"action=%s\n\n" % action.encode())
             self._answer()
