@@ -99,7 +99,7 @@ IMPLICIT_AUTH = Entry("465 TLS+AUTH", 465, "implicit", True)  # latency probe on
 LOOK_ONLY = Entry("587 look only", 587, "starttls", True, NL_USER)
 LOAD_PATHS = [BARE, TLS_AUTH, NO_MILTER, NO_LIMITS]
 # The bench's own smtpd services (master.cf, added after the deployment): bare (no TLS, no SASL,
-# no milter), and 587's settings without the milter.
+# no milter, no policy service), and 587's settings without the milter.
 BENCH_SERVICES = (
     f"{BARE.port}/inet={BARE.port} inet n - y - - smtpd -o syslog_name=postfix/bench-bare "
     "-o smtpd_milters= -o smtpd_tls_security_level=none -o smtpd_sasl_auth_enable=no "
@@ -123,12 +123,6 @@ def copy_of_587(port: int) -> str:
     return " ".join([f"{port}/inet={port}", "inet", *line[2:7], "smtpd", *line[8:], *no_policy])
 
 
-# --rspamd-ratelimit: a copy of 587 on 2589 like 2588's, and rspamd's ratelimit module for the
-# bench: the plugin linked beside the relay's two, RL_USER's messages counted in the relay's
-# Redis (a leaky bucket far above what a run sends), and a settings rule that runs its symbols
-# for RL_USER only (the relay's own rule runs only the From check and DKIM for everyone else).
-
-
 def settings_rule(name: str, user: str, symbols: list[str]) -> str:
     """Shell that adds an rspamd settings rule (once): `user`'s messages run only `symbols`."""
     return (
@@ -139,6 +133,10 @@ def settings_rule(name: str, user: str, symbols: list[str]) -> str:
     )
 
 
+# --rspamd-ratelimit: a copy of 587 on 2589 like 2588's, and rspamd's ratelimit module for the
+# bench: the plugin linked beside the relay's two, RL_USER's messages counted in the relay's
+# Redis (a leaky bucket far above what a run sends), and a settings rule that runs its symbols
+# for RL_USER only (the relay's own rule runs only the From check and DKIM for everyone else).
 RL_SYMBOLS = [
     "SMTPGW_FROM_CHECK",
     "DKIM_SIGNED",
@@ -430,15 +428,8 @@ def parts_cpu() -> dict[int, tuple[str, float]]:
         pid, cmd, stat = line.split(" ", 2)
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
         rest = stat.rsplit(")", 1)[-1].split()
-        part = (
-            "rspamd"
-            if comm == "rspamd"
-            else "redis"
-            if comm == "redis-server"
-            else "policy"
-            if "smtpgw/policyd.py" in cmd
-            else None
-        )
+        part = {"rspamd": "rspamd", "redis-server": "redis"}.get(comm)
+        part = part or ("policy" if "smtpgw/policyd.py" in cmd else None)
         if part:
             procs[int(pid)] = (part, (int(rest[11]) + int(rest[12])) / 100.0)  # USER_HZ
     return procs
