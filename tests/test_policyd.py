@@ -161,7 +161,9 @@ def test_redis_unreachable_defers_or_passes_as_chosen(tmp_path):
         config = {"limits_file": str(limits_file), "redis": {"port": 1}, "on_redis_failure": mode}
         policy = policyd.Policy(config)
         assert policy.limits.counters(*policy.limits.tenant_of("", "192.0.2.5"))
-        assert asyncio.run(policy.decide({**rcpt, "instance": "m1"})) == action
+        look = policy.answer({**rcpt, "instance": "m1"})
+        assert not isinstance(look, str)  # it must ask Redis
+        assert asyncio.run(look) == action
         assert policy.instances == {}
         assert policy.failures == 0 and policy.down_since is not None  # reported once
 

@@ -354,10 +354,6 @@ class Policy:
             return self._recipient(tenant, login, entry)
         return self._look(tenant, login, instance, entry, counters, keys)
 
-    async def decide(self, attrs: dict[str, str]) -> str:
-        action = self.answer(attrs)
-        return action if isinstance(action, str) else await action
-
     async def _look(
         self,
         tenant: str,
